@@ -1,0 +1,30 @@
+# Two-command quick start: `make demo`, `make test`. Only Python 3 is needed on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   := demo_output
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m sitskit.demo --out $(DEMO)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_pretrain.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,42 @@
+"""`python data_prep.py <command> …`: simulate, show, pastis, mtlcc, info.
+
+Each command lives with the code it drives; this module only assembles the parser. A command that
+fails on bad input raises `UserFacingError`: one line on stderr, exit code 2, nothing left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sitskit.errors import UserFacingError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sitskit.data_prep import commands as prep_commands
+    from sitskit.simulate import cli as simulate_cli
+
+    parser = argparse.ArgumentParser(
+        prog="data_prep.py",
+        description="Simulate SITS datasets in their real on-disk formats, inspect them, and convert "
+                    "PASTIS / MTLCC to one HDF5 file.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    simulate_cli.register(sub)   # simulate, show
+    prep_commands.register(sub)  # pastis, mtlcc, info
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserFacingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

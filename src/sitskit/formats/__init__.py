@@ -1,0 +1,1 @@
+"""On-disk formats of the source datasets, read and written without TensorFlow."""
