@@ -1,0 +1,211 @@
+"""The sitskit HDF5 layout (docs/hdf5_format.md) and the single writer every converter uses.
+
+One file per dataset::
+
+    /                      attrs: format, format_version, dataset, reference_date, bands, classes, …
+    /norm/<sat>/mean,std   source normalisation statistics, one row per fold (PASTIS) or one row (MTLCC)
+    /patches/<key>/<sat>/data   int16 [T, C, H, W] (S1: float32/float16 as in the source), one date per chunk
+    /patches/<key>/<sat>/date   ISO dates (bytes, 'YYYY-MM-DD') [T]; day (int32, days since the
+                                reference date), doy (int16), year (int16) [T]
+    /patches/<key>/semantic     uint8 [H, W] contiguous class index; more label maps per dataset
+    /index/…                    one row per complete patch, written last (cheap dataset construction)
+
+Atomicity: everything is written to ``<out>.partial``; a patch group gets ``complete = 1`` only after all
+its datasets are written and the file is flushed; the index and ``/``'s ``complete`` attribute are written
+last, then the file is renamed to ``<out>``. ``--resume`` reopens ``<out>.partial``, drops any group that is
+not complete and continues with the patches not yet written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+from pathlib import Path
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from sitskit.errors import UserFacingError
+
+FORMAT_NAME = "sitskit-sits"
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+# Attributes that legitimately differ between two conversions of the same source (excluded from identity).
+PROVENANCE_TIME_ATTRS = ("created_utc",)
+# Test hook: SIGKILL ourselves after this many committed patches ("2") or in the middle of the next one
+# ("2.5"), to prove that --resume reproduces an uninterrupted conversion.
+KILL_HOOK_ENV = "SITSKIT_TEST_KILL_AFTER"
+
+
+def tool_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("sitskit")
+    except Exception:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def compression_options(name: str) -> dict:
+    """h5py create_dataset keywords: byte-shuffle + zstd (default, via hdf5plugin) or gzip (portable)."""
+    if name == "zstd":
+        return dict(shuffle=True, **hdf5plugin.Zstd(clevel=3))
+    if name == "gzip":
+        return dict(shuffle=True, compression="gzip", compression_opts=4)
+    if name == "none":
+        return {}
+    raise UserFacingError(f"unknown compression {name!r} (use zstd, gzip or none)")
+
+
+def iso_dates(dates: list[_dt.date]) -> np.ndarray:
+    return np.array([d.isoformat().encode() for d in dates], dtype="S10")
+
+
+class H5Writer:
+    """Single writer of one conversion: temp file, per-patch commit, resume, final atomic rename."""
+
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, resume: bool = False,
+                 compression: str = "zstd", settings: dict | None = None):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        self.compression = compression_options(compression)
+        self.settings = json.dumps(settings or {}, sort_keys=True)
+        if self.out.exists() and not force:
+            raise UserFacingError(f"{self.out}: output exists; pass --force to overwrite it")
+        if self.out.is_dir():
+            raise UserFacingError(f"{self.out}: output path is a directory")
+        if not self.out.parent.exists():
+            raise UserFacingError(f"{self.out.parent}: output directory does not exist")
+        self.resumed = False
+        if resume and self.partial.exists():
+            self.file = self._reopen()
+            self.resumed = True
+        else:
+            if resume:
+                print(f"note: no interrupted conversion at {self.partial}; starting from scratch")
+            self.partial.unlink(missing_ok=True)
+            self.file = h5py.File(self.partial, "w", libver=("v110", "latest"), track_order=False)
+            self.file.attrs["conversion_settings"] = self.settings
+            self.file.attrs["complete"] = 0
+        self.patches = self.file.require_group("patches")
+        self._committed = 0
+        hook = os.environ.get(KILL_HOOK_ENV)
+        self._kill_after = float(hook) if hook else None
+
+    def _reopen(self) -> h5py.File:
+        try:
+            f = h5py.File(self.partial, "r+")
+        except OSError as exc:
+            raise UserFacingError(f"{self.partial}: cannot reopen the interrupted conversion ({exc}); "
+                                  "start again with --force") from exc
+        if f.attrs.get("conversion_settings") != self.settings:
+            f.close()
+            raise UserFacingError(
+                f"{self.partial}: was started with different settings "
+                f"({f.attrs.get('conversion_settings')!r}); resume with the same options or use --force")
+        for key in list(f.get("patches", {})):
+            if not f["patches"][key].attrs.get("complete", 0):
+                del f["patches"][key]  # interrupted mid-patch: redo it
+        return f
+
+    def done_keys(self) -> set[str]:
+        return set(self.patches.keys())
+
+    # ----------------------------------------------------------------------------------- writing
+    def write_root_attrs(self, attrs: dict) -> None:
+        for k, v in attrs.items():
+            self.file.attrs[k] = v
+        self.file.attrs["format"] = FORMAT_NAME
+        self.file.attrs["format_version"] = FORMAT_VERSION
+        self.file.attrs["tool_version"] = tool_version()
+
+    def write_array(self, where: str, name: str, arr: np.ndarray, *, chunk_dates: bool = False,
+                    compress: bool = True) -> None:
+        """Write one dataset; `chunk_dates` chunks [T, C, H, W] arrays one date per chunk."""
+        group = self.file.require_group(where)
+        if name in group:
+            del group[name]
+        kwargs = dict(self.compression) if compress and arr.size and arr.ndim else {}
+        if chunk_dates and arr.size:
+            kwargs["chunks"] = (1, *arr.shape[1:])
+        group.create_dataset(name, data=arr, **kwargs)
+
+    def write_patch(self, key: str, sats: dict[str, dict], arrays: dict[str, np.ndarray],
+                    attrs: dict) -> None:
+        """One patch: per-sat series {'data', 'dates': list[date], 'day', 'doy', 'year'} + label maps."""
+        base = f"patches/{key}"
+        if base in self.file:
+            del self.file[base]
+        group = self.file.create_group(base)
+        for sat, s in sats.items():
+            self.write_array(f"{base}/{sat}", "data", s["data"], chunk_dates=True)
+            self.write_array(f"{base}/{sat}", "date", iso_dates(s["dates"]), compress=False)
+            for field, dtype in (("day", np.int32), ("doy", np.int16), ("year", np.int16)):
+                self.write_array(f"{base}/{sat}", field, np.asarray(s[field], dtype=dtype), compress=False)
+        self._maybe_kill(half=True)
+        for name, arr in arrays.items():
+            self.write_array(base, name, arr)
+        for k, v in attrs.items():
+            group.attrs[k] = v
+        group.attrs["complete"] = 1
+        self.file.flush()
+        self._committed += 1
+        self._maybe_kill(half=False)
+
+    def _maybe_kill(self, half: bool) -> None:
+        if self._kill_after is None:
+            return
+        whole, frac = int(self._kill_after), self._kill_after % 1
+        if (not half and not frac and self._committed == whole) or (half and frac and self._committed == whole):
+            if half:  # leave a genuinely half-written patch group behind
+                self.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def finalize(self, index: dict[str, np.ndarray], provenance: dict) -> Path:
+        """Write the index, mark complete, close and rename <out>.partial -> <out>."""
+        for key in list(self.patches):  # stray debris from a killed run never reaches the final file
+            if not self.patches[key].attrs.get("complete", 0):
+                del self.patches[key]
+        if "index" in self.file:
+            del self.file["index"]
+        for name, arr in index.items():
+            self.write_array("index", name, arr, compress=False)
+        for k, v in provenance.items():
+            self.file.attrs[k] = v
+        self.file.attrs["created_utc"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.file.attrs["complete"] = 1
+        self.file.close()
+        os.replace(self.partial, self.out)
+        return self.out
+
+    def abort(self, keep_partial: bool = False) -> None:
+        """Close; remove the temp file unless it should stay for --resume (interrupt)."""
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        if not keep_partial:
+            self.partial.unlink(missing_ok=True)
+
+
+def open_sits(path: str | os.PathLike) -> h5py.File:
+    """Open a finished sitskit HDF5 file read-only, with a clear error for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise UserFacingError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserFacingError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    if f.attrs.get("format") != FORMAT_NAME:
+        f.close()
+        raise UserFacingError(f"{path}: not a sitskit HDF5 file (missing format attribute)")
+    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+        v = f.attrs.get("format_version")
+        f.close()
+        raise UserFacingError(f"{path}: format version {v} is newer than this sitskit ({FORMAT_VERSION})")
+    if not int(f.attrs.get("complete", 0)):
+        f.close()
+        raise UserFacingError(f"{path}: incomplete conversion")
+    return f
