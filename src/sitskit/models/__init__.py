@@ -1,0 +1,12 @@
+"""Models: registry (`build`, `from_pretrained`, `save_pretrained`, `list_models`), STCLN, U-TAE/L-TAE.
+
+    from sitskit.models import build
+    model = build("stcln", in_channels=10, num_classes=20)
+    logits = model(x, dates, pad_mask)          # x [B,T,C,H,W] -> [B,K,H,W]
+"""
+from sitskit.models.registry import (build, from_pretrained, list_models, load_state_dict_checked,
+                                     read_pretrained_config, register_model, save_pretrained)
+from sitskit.models import stcln  # noqa: F401  (registers stcln_encoder, stcln_pretrain, stcln)
+
+__all__ = ["build", "from_pretrained", "save_pretrained", "list_models", "register_model",
+           "read_pretrained_config", "load_state_dict_checked"]

@@ -1,0 +1,176 @@
+"""STCLN (Qin et al., JAG 2025): per-date CNN + per-pixel Transformer, masked pre-training, STA head.
+
+Three registered models share one encoder:
+- "stcln_encoder" -> STCLNEncoder: x [B,T,C,H,W] -> (feats [B,T,D,H,W], cnn_feats [B,T,D,H,W]), D = 256
+- "stcln_pretrain" -> STCLNPretrain: masked reconstruction, pred [B,T,C,H,W]
+- "stcln"          -> STCLNClassifier: encoder + STA head, logits [B,K,H,W]
+
+Module names follow the released checkpoints (`inc`, `down1`, `temporal_encoder.in_norm`,
+`temporal_encoder.layer_stack.{i}`), see `sitskit.models.checkpoints`. Deliberate differences from
+the reference code are listed in docs/models.md (day-offset positions by default, any H x W,
+padding-aware normalisation/attention, no dead modules, device-agnostic buffers).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from sitskit.models.layers import (SequenceGroupNorm, SinusoidalPositionalEncoding, apply_to_valid_frames,
+                                   check_inputs)
+from sitskit.models.registry import build, register_model
+from sitskit.models.sta_head import STAHead
+
+POSITION_MODES = ("dates", "index")
+
+
+class DoubleConv(nn.Module):
+    """(Conv3x3 zero-pad, no bias -> BatchNorm -> ReLU) x 2, no downsampling. [N,C,H,W] -> [N,C_out,H,W].
+
+    State-dict keys `double_conv.{0,1,3,4}.*` as in the reference (a UNet-style DoubleConv).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class PixelTransformer(nn.Module):
+    """Per-pixel temporal Transformer: GroupNorm `in_norm` -> + sinusoidal positions -> post-LN layers.
+
+    Layers are `nn.TransformerEncoderLayer` (ReLU, post-norm): the reference's custom layer has the
+    same computation and the same parameter names. Padded dates are excluded from the normalisation
+    statistics and masked as attention keys.
+
+    tokens: [B, N, T, D] (N pixels), positions: [B, T], pad_mask: [B, T] | None -> [B, N, T, D]
+    """
+
+    def __init__(self, d_model: int = 256, n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3,
+                 dropout: float = 0.1, norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0):
+        super().__init__()
+        if d_model % pe_dim:
+            raise ValueError(f"d_model={d_model} must be a multiple of pe_dim={pe_dim}")
+        self.in_norm = SequenceGroupNorm(norm_groups, d_model)
+        self.position_encoding = SinusoidalPositionalEncoding(pe_dim, pe_period, repeat=d_model // pe_dim)
+        self.layer_stack = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, n_head, d_ffn, dropout, activation="relu", batch_first=True)
+            for _ in range(n_layers)
+        )
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, t, d = tokens.shape
+        seq_pad = None if pad_mask is None else pad_mask[:, None, :].expand(b, n, t).reshape(b * n, t)
+        x = self.in_norm(tokens.reshape(b * n, t, d), seq_pad)
+        x = (x.view(b, n, t, d) + self.position_encoding(positions)[:, None]).view(b * n, t, d)
+        for layer in self.layer_stack:
+            x = layer(x, src_key_padding_mask=seq_pad)
+        return x.view(b, n, t, d)
+
+
+@register_model("stcln_encoder")
+class STCLNEncoder(nn.Module):
+    """STCLN encoder: shared per-date CNN (C->32->32, 32->256->256) then a per-pixel Transformer.
+
+    forward(x [B,T,C,H,W], dates [B,T] int64 day offsets, pad_mask [B,T] bool (True = padded) | None)
+      -> (feats [B,T,D,H,W] Transformer output, cnn_feats [B,T,D,H,W] CNN features); padded dates are 0.
+    positions="dates" encodes the day offsets (default); "index" encodes 0..T-1 like the paper's code.
+    """
+
+    def __init__(self, in_channels: int = 10, positions: str = "dates", widths: tuple[int, int] = (32, 256),
+                 n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3, dropout: float = 0.1,
+                 norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0):
+        super().__init__()
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        self.in_channels, self.positions = in_channels, positions
+        self.d_model = widths[1]
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.down1 = DoubleConv(widths[0], widths[1])
+        self.temporal_encoder = PixelTransformer(widths[1], n_head, d_ffn, n_layers, dropout, norm_groups,
+                                                 pe_dim, pe_period)
+
+    def forward(self, x: torch.Tensor, dates: torch.Tensor,
+                pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_inputs(x, dates, pad_mask, self.in_channels, "stcln_encoder")
+        h = x.shape[-2]
+        cnn_feats = self.embed_frames(x, pad_mask)
+        tokens = rearrange(cnn_feats, "b t d h w -> b (h w) t d")
+        tokens = self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask)
+        feats = rearrange(tokens, "b (h w) t d -> b t d h w", h=h)
+        if pad_mask is not None:
+            feats = feats.masked_fill(pad_mask[:, :, None, None, None], 0.0)
+        return feats, cnn_feats
+
+    def embed_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-date CNN on the valid frames only. [B,T,C,H,W] -> [B,T,D,H,W]."""
+        return apply_to_valid_frames(lambda frames: self.down1(self.inc(frames)), x, pad_mask)
+
+    def encode_positions(self, dates: torch.Tensor) -> torch.Tensor:
+        """[B,T] day offsets -> [B,T] positions fed to the sinusoidal encoding."""
+        if self.positions == "index":
+            return torch.arange(dates.shape[1], device=dates.device).expand_as(dates)
+        return dates
+
+
+def _build_encoder(in_channels: int, positions: str, dropout: float, encoder_kwargs: dict | None) -> nn.Module:
+    return build("stcln_encoder", in_channels=in_channels, positions=positions, dropout=dropout,
+                 **(encoder_kwargs or {}))
+
+
+@register_model("stcln_pretrain")
+class STCLNPretrain(nn.Module):
+    """Masked spatio-temporal reconstruction: masked pixel-dates -> mask token -> encoder -> Linear(D->C).
+
+    forward(x [B,T,C,H,W], dates [B,T], pad_mask [B,T] | None, mask [B,T,H,W] bool (True = masked) | None)
+      -> pred [B,T,C,H,W]. The loss (on masked entries) lives in the pre-training stage.
+    The reference's `midlinear` (a second head on the CNN features whose loss is commented out) is
+    left out: it never receives a gradient.
+    """
+
+    def __init__(self, in_channels: int = 10, positions: str = "dates", dropout: float = 0.1,
+                 encoder_kwargs: dict | None = None):
+        super().__init__()
+        self.encoder = _build_encoder(in_channels, positions, dropout, encoder_kwargs)
+        self.mask_token = nn.Parameter(torch.zeros(1))
+        self.decoder = nn.Linear(self.encoder.d_model, in_channels)
+
+    def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            x = self.apply_mask(x, mask)
+        feats, _ = self.encoder(x, dates, pad_mask)
+        pred = self.decoder(rearrange(feats, "b t d h w -> b t h w d"))
+        return rearrange(pred, "b t h w c -> b t c h w")
+
+    def apply_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace every channel of the masked pixel-dates by the learnable scalar token."""
+        if mask.shape != (x.shape[0], x.shape[1], *x.shape[3:]) or mask.dtype != torch.bool:
+            raise ValueError(f"stcln_pretrain: mask must be bool [B,T,H,W], got {mask.dtype} {tuple(mask.shape)} "
+                             f"for x {tuple(x.shape)}")
+        return torch.where(mask[:, :, None], self.mask_token.to(x.dtype), x)
+
+
+@register_model("stcln")
+class STCLNClassifier(nn.Module):
+    """STCLN semantic segmentation: encoder + STA head. forward(x, dates, pad_mask) -> logits [B,K,H,W]."""
+
+    def __init__(self, in_channels: int = 10, num_classes: int = 20, positions: str = "dates",
+                 dropout: float = 0.1, attn_chunk_size: int = 1024, encoder_kwargs: dict | None = None):
+        super().__init__()
+        self.encoder = _build_encoder(in_channels, positions, dropout, encoder_kwargs)
+        self.head = STAHead(self.encoder.d_model, num_classes, attn_chunk_size)
+
+    def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        feats, cnn_feats = self.encoder(x, dates, pad_mask)
+        return self.head(feats, cnn_feats, pad_mask)

@@ -1,0 +1,345 @@
+"""STCLN encoder / pre-training model / STA classifier and the reference checkpoint import."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sitskit.errors import UserFacingError
+from sitskit.models import build, from_pretrained, save_pretrained
+from sitskit.models.checkpoints import import_reference_encoder, load_pretrained_encoder
+from sitskit.models.sta_head import chunked_softmax_attention, softmax_attention
+
+torch.set_num_threads(1)
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def make_input(b=1, t=4, c=10, h=6, w=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, c, h, w, generator=g)
+    dates = torch.sort(torch.randint(0, 365, (b, t), generator=g), dim=1).values
+    return x, dates
+
+
+def pad(x, dates, extra, seed=1):
+    """Append `extra` padded dates holding garbage (not zeros): invariance must not rely on zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = dates.shape
+    x_pad = torch.cat([x, 5 * torch.randn(b, extra, *x.shape[2:], generator=g)], dim=1)
+    dates_pad = torch.cat([dates, torch.randint(0, 400, (b, extra), generator=g)], dim=1)
+    pad_mask = torch.zeros(b, t + extra, dtype=torch.bool)
+    pad_mask[:, t:] = True
+    return x_pad, dates_pad, pad_mask
+
+
+# ---------------------------------------------------------------- parameter counts (no forward needed)
+
+def test_parameter_counts_match_the_paper_configuration():
+    assert n_params(build("stcln_encoder", in_channels=10)) == 3_046_592
+    assert n_params(build("stcln_encoder", in_channels=13)) == 3_047_456
+    clf = build("stcln", in_channels=10, num_classes=20)
+    assert n_params(clf.head) == 201_749
+    pre = build("stcln_pretrain", in_channels=10)
+    assert n_params(pre) - n_params(pre.encoder) == 2_571
+    assert pre.mask_token.shape == (1,) and pre.decoder.in_features == 256 and pre.decoder.out_features == 10
+
+
+def test_encoder_has_no_dead_modules_and_reference_key_names():
+    keys = set(build("stcln_encoder").state_dict())
+    assert len(keys) == 62  # 123 reference keys minus the 61 keys of dead modules
+    assert {k.split(".")[0] for k in keys} == {"inc", "down1", "temporal_encoder"}
+    assert "temporal_encoder.layer_stack.2.self_attn.in_proj_weight" in keys
+    assert "inc.double_conv.4.running_var" in keys
+
+
+# ---------------------------------------------------------------- shapes
+
+def test_shapes_on_non_square_input():
+    torch.manual_seed(0)
+    x, dates = make_input(b=2, t=3, h=24, w=40)
+    pad_mask = torch.tensor([[False, False, True], [False, False, False]])
+    enc = build("stcln_encoder").eval()
+    with torch.no_grad():
+        feats, cnn_feats = enc(x, dates, pad_mask)
+        assert feats.shape == cnn_feats.shape == (2, 3, 256, 24, 40)
+        assert torch.all(feats[0, 2] == 0) and torch.all(cnn_feats[0, 2] == 0)
+        clf = build("stcln", num_classes=7, attn_chunk_size=100).eval()
+        assert clf(x, dates, pad_mask).shape == (2, 7, 24, 40)
+        pre = build("stcln_pretrain").eval()
+        mask = torch.rand(2, 3, 24, 40) < 0.4
+        assert pre(x, dates, pad_mask, mask).shape == (2, 3, 10, 24, 40)
+
+
+def test_bad_inputs_give_clear_errors():
+    enc = build("stcln_encoder").eval()
+    x, dates = make_input()
+    with pytest.raises(ValueError, match="expected 10 channels"):
+        enc(x[:, :, :5], dates)
+    with pytest.raises(ValueError, match="dates must be"):
+        enc(x, dates[:, :2])
+    with pytest.raises(ValueError, match="no valid date"):
+        enc(x, dates, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="positions"):
+        build("stcln_encoder", positions="doy")
+
+
+# ---------------------------------------------------------------- padding invariance
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_classifier_is_invariant_to_padding(train):
+    """Same logits for a sample alone and padded with 3 garbage dates, in eval and train mode.
+
+    Train mode: dropout is disabled (p=0; dropout masks depend on the padded shape, so identical RNG
+    would not help), BatchNorm batch statistics must come from the valid frames only.
+    """
+    torch.manual_seed(0)
+    model = build("stcln", dropout=0.0, attn_chunk_size=16)
+    with torch.no_grad():
+        model.head.gate.fill_(0.7)  # exercise the attention branch (it is 0 at initialisation)
+    model.train(train)
+    x, dates = make_input(t=4)
+    x_pad, dates_pad, pad_mask = pad(x, dates, 3)
+    with torch.no_grad():
+        alone = model(x, dates)
+        padded = model(x_pad, dates_pad, pad_mask)
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_pretrain_predictions_are_invariant_to_padding(train):
+    torch.manual_seed(0)
+    model = build("stcln_pretrain", dropout=0.0)
+    with torch.no_grad():
+        model.mask_token.fill_(0.3)
+    model.train(train)
+    x, dates = make_input(t=4)
+    mask = torch.rand(1, 4, 6, 10) < 0.4
+    x_pad, dates_pad, pad_mask = pad(x, dates, 2)
+    mask_pad = torch.cat([mask, torch.ones(1, 2, 6, 10, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        alone = model(x, dates, None, mask)
+        padded = model(x_pad, dates_pad, pad_mask, mask_pad)
+    torch.testing.assert_close(padded[:, :4], alone, atol=1e-5, rtol=0)
+
+
+def test_batch_mixing_padded_and_full_samples_in_eval():
+    torch.manual_seed(0)
+    model = build("stcln", attn_chunk_size=16).eval()
+    with torch.no_grad():
+        model.head.gate.fill_(0.5)
+    a, dates_a = make_input(t=3, seed=1)
+    b, dates_b = make_input(t=5, seed=2)
+    a_pad, dates_a_pad, _ = pad(a, dates_a, 2)
+    pad_mask = torch.tensor([[False] * 3 + [True] * 2, [False] * 5])
+    with torch.no_grad():
+        batch = model(torch.cat([a_pad, b]), torch.cat([dates_a_pad, dates_b]), pad_mask)
+        torch.testing.assert_close(batch[0:1], model(a, dates_a), atol=1e-5, rtol=0)
+        torch.testing.assert_close(batch[1:2], model(b, dates_b), atol=1e-5, rtol=0)
+
+
+def test_padding_changes_output_without_mask():
+    """Sanity check of the invariance tests: unmasked garbage dates do change the result."""
+    torch.manual_seed(0)
+    model = build("stcln", dropout=0.0).eval()
+    x, dates = make_input(t=4)
+    x_pad, dates_pad, _ = pad(x, dates, 3)
+    with torch.no_grad():
+        assert (model(x_pad, dates_pad) - model(x, dates)).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- positions
+
+def test_positions_dates_vs_index():
+    torch.manual_seed(0)
+    enc_dates = build("stcln_encoder", dropout=0.0).eval()
+    enc_index = build("stcln_encoder", positions="index", dropout=0.0).eval()
+    enc_index.load_state_dict(enc_dates.state_dict())
+    x, dates = make_input(t=4)
+    shifted = dates + 37
+    with torch.no_grad():
+        assert (enc_dates(x, dates)[0] - enc_dates(x, shifted)[0]).abs().max() > 1e-4
+        torch.testing.assert_close(enc_index(x, dates)[0], enc_index(x, shifted)[0])
+        torch.testing.assert_close(enc_index(x, dates)[0], enc_dates(x, torch.arange(4)[None])[0],
+                                   atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- gradients, determinism
+
+def test_every_classifier_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = build("stcln", num_classes=5, attn_chunk_size=16).train()
+    with torch.no_grad():
+        model.head.gate.fill_(0.5)  # at gate == 0 the query/key projections get exactly zero gradient
+    x, dates = make_input(b=2, t=3)
+    pad_mask = torch.tensor([[False, False, True], [False, False, False]])
+    model(x, dates, pad_mask).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_every_pretrain_parameter_receives_a_gradient():
+    torch.manual_seed(0)
+    model = build("stcln_pretrain").train()
+    x, dates = make_input(b=2, t=3)
+    mask = torch.rand(2, 3, 6, 10) < 0.4
+    pred = model(x, dates, None, mask)
+    ((pred - x).square() * mask[:, :, None]).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_mask_replaces_all_channels_by_the_token():
+    model = build("stcln_pretrain")
+    with torch.no_grad():
+        model.mask_token.fill_(-2.5)
+    x, _ = make_input()
+    mask = torch.zeros(1, 4, 6, 10, dtype=torch.bool)
+    mask[0, 1, 2, 3] = True
+    masked = model.apply_mask(x, mask)
+    assert torch.all(masked[0, 1, :, 2, 3] == -2.5)
+    assert torch.equal(masked[~mask[:, :, None].expand_as(x)], x[~mask[:, :, None].expand_as(x)])
+
+
+def test_cpu_determinism_with_fixed_seed():
+    x, dates = make_input(t=3)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        model = build("stcln", dropout=0.1, attn_chunk_size=16).train()
+        outs.append(model(x, dates))
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- STA chunked attention
+
+def test_chunked_attention_equals_naive_values_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 37, 24, generator=g, requires_grad=True)
+    k = torch.randn(2, 37, 24, generator=g, requires_grad=True)
+    v = torch.randn(2, 37, 8, generator=g, requires_grad=True)
+    naive = softmax_attention(q, k, v, 0.3)
+    chunked = chunked_softmax_attention(q, k, v, 0.3, chunk_size=5)
+    torch.testing.assert_close(chunked, naive, atol=1e-6, rtol=0)
+    grads_naive = torch.autograd.grad(naive.sin().sum(), (q, k, v))
+    grads_chunked = torch.autograd.grad(chunked.sin().sum(), (q, k, v))
+    for a, b in zip(grads_chunked, grads_naive):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_sta_head_matches_the_reference_formula():
+    """STA head output equals a direct transcription of the paper's head (N x N, T*D descriptors)."""
+    torch.manual_seed(0)
+    model = build("stcln", num_classes=4, attn_chunk_size=7).eval()
+    head = model.head
+    with torch.no_grad():
+        head.gate.fill_(0.8)
+        feats = torch.randn(1, 3, 256, 4, 5)
+        cnn = torch.randn(1, 3, 256, 4, 5)
+        out = head(feats, cnn)
+        f = feats[0].permute(2, 3, 0, 1).reshape(20, 3, 256)  # [N, T, D]
+        c = cnn[0].permute(2, 3, 0, 1).reshape(20, 3, 256)
+        q = (f @ head.query.weight.T).reshape(20, 768)
+        k = (c @ head.key.weight.T).reshape(20, 768)
+        attn = torch.softmax(q @ k.T / 16.0, dim=1)
+        v = f.max(dim=1).values @ head.value.weight.T
+        o = 0.8 * attn @ v + v
+        expected = (o @ head.classifier.weight.T + head.classifier.bias).T.reshape(1, 4, 4, 5)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- export / import
+
+def test_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build("stcln", in_channels=10, num_classes=6, attn_chunk_size=16).eval()
+    with torch.no_grad():
+        model.head.gate.fill_(0.4)
+    save_pretrained(model, tmp_path / "m", extra={"mlflow_run_id": "abc123"})
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = from_pretrained(tmp_path / "m")
+    assert loaded.config == model.config and not loaded.training
+    x, dates = make_input()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, dates), model(x, dates), atol=0, rtol=0)
+
+
+def test_encoder_export_from_pretrain_model_loads_into_classifier(tmp_path):
+    torch.manual_seed(0)
+    pre = build("stcln_pretrain", in_channels=10)
+    save_pretrained(pre.encoder, tmp_path / "encoder")
+    assert from_pretrained(tmp_path / "encoder").config["name"] == "stcln_encoder"
+    clf = load_pretrained_encoder(build("stcln", num_classes=3), tmp_path / "encoder")
+    for key, value in pre.encoder.state_dict().items():
+        assert torch.equal(clf.encoder.state_dict()[key], value), key
+
+
+def _reference_state_dict(encoder):
+    """A synthetic 123-key state dict laid out like the released checkpoints (incl. dead modules)."""
+    state = {}
+    for key, value in encoder.state_dict().items():
+        state[key.replace("down1.", "down1.maxpool_conv.0.", 1)] = value.clone()
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    def bn(prefix, c):
+        state.update({f"{prefix}.weight": rnd(c), f"{prefix}.bias": rnd(c), f"{prefix}.running_mean": rnd(c),
+                      f"{prefix}.running_var": rnd(c).abs(), f"{prefix}.num_batches_tracked": torch.tensor(5)})
+
+    state["up3.conv.double_conv.0.weight"] = rnd(144, 288, 3, 3)
+    bn("up3.conv.double_conv.1", 144)
+    state["up3.conv.double_conv.3.weight"] = rnd(32, 144, 3, 3)
+    bn("up3.conv.double_conv.4", 32)
+    state.update({"temporal_encoder.inconv.weight": rnd(256, 256, 1), "temporal_encoder.inconv.bias": rnd(256)})
+    state.update({"temporal_encoder.mlp.0.weight": rnd(256, 256), "temporal_encoder.mlp.0.bias": rnd(256)})
+    bn("temporal_encoder.mlp.1", 256)
+    state.update({"temporal_encoder.out_norm.weight": rnd(256), "temporal_encoder.out_norm.bias": rnd(256)})
+    for i in range(3):
+        for key, value in encoder.temporal_encoder.layer_stack[i].state_dict().items():
+            state[f"temporal_encoder.transformer_encoder.layers.{i}.{key}"] = rnd(*value.shape)
+    state.update({"temporal_encoder.transformer_encoder.norm.weight": rnd(256),
+                  "temporal_encoder.transformer_encoder.norm.bias": rnd(256)})
+    return state
+
+
+def test_import_reference_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    source = build("stcln_encoder", in_channels=13, positions="index")
+    for module in source.modules():  # non-trivial BN statistics, so that a missed buffer shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    source.eval()
+    state = _reference_state_dict(source)
+    assert len(state) == 123
+    path = tmp_path / "checkpoint_99.utae.tar"
+    torch.save(state, path)
+    encoder = import_reference_encoder(path).eval()
+    assert encoder.in_channels == 13 and encoder.positions == "index"
+    x, dates = make_input(c=13)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x, dates)[0], source(x, dates)[0], atol=0, rtol=0)
+
+    # DataParallel prefix and full training checkpoint wrappers are accepted too
+    torch.save({"epoch": 99, "model_state_dict": {f"module.utae.{k}": v for k, v in state.items()}}, path)
+    assert torch.equal(import_reference_encoder(path).state_dict()["down1.double_conv.0.weight"],
+                       source.state_dict()["down1.double_conv.0.weight"])
+
+
+def test_import_reference_checkpoint_is_strict(tmp_path):
+    source = build("stcln_encoder")
+    state = _reference_state_dict(source)
+    path = tmp_path / "ckpt.tar"
+    torch.save({**state, "temporal_encoder.extra.weight": torch.zeros(3)}, path)
+    with pytest.raises(UserFacingError, match="unknown key.*temporal_encoder.extra.weight"):
+        import_reference_encoder(path)
+    del state["temporal_encoder.layer_stack.1.linear2.bias"]
+    torch.save(state, path)
+    with pytest.raises(UserFacingError, match="missing keys.*layer_stack.1.linear2.bias"):
+        import_reference_encoder(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserFacingError, match="ckpt.tar"):
+        import_reference_encoder(path)
