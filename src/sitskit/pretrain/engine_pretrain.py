@@ -1,0 +1,178 @@
+"""One pre-training epoch: masked reconstruction with MSE on the masked entries (STCLN, stcln.md §2).
+
+A *micro-batch* is one forward/backward (a batch, or one crop of it with `data.step_per_crop`); every
+`grad_accum` micro-batches make one optimiser step. All randomness of micro-batch number `micro` — the
+mask and dropout — comes from seeds derived from (seed, micro, rank), so a resumed run repeats an
+uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from sitskit.pretrain.masking import MaskGenerator, step_generator, step_seed
+
+
+@dataclass
+class TrainState:
+    """Progress saved with the Accelerate state (registered for checkpointing)."""
+    step: int = 0  # optimiser steps done
+    micro: int = 0  # micro-batches done (forward/backward passes)
+    epoch: int = 0  # current epoch
+    batch: int = 0  # batches of the current epoch done
+    mlflow_run_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "micro": self.micro, "epoch": self.epoch, "batch": self.batch,
+                "mlflow_run_id": self.mlflow_run_id}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("step", "micro", "epoch", "batch", "mlflow_run_id"):
+            setattr(self, key, sd[key])
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, target: [B, T, C, H, W]; mask: bool [B, T, H, W] (True = masked). Mean squared error over
+    the masked entries only (every channel of a masked pixel-date), in fp32; 0 when nothing is masked.
+    Returns (loss scalar, per-band loss [C] detached)."""
+    err = (pred.float() - target.float()).square()
+    weight = mask.unsqueeze(2).to(err.dtype)  # [B, T, 1, H, W]
+    masked_err = err * weight
+    n_pixel_dates = weight.sum()
+    per_band = masked_err.sum(dim=(0, 1, 3, 4)) / n_pixel_dates.clamp_min(1)
+    loss = masked_err.sum() / (n_pixel_dates * err.shape[2]).clamp_min(1)
+    return loss, per_band.detach()
+
+
+def grid_crops(size_hw: tuple[int, int], crop: int) -> list[tuple[slice, slice]]:
+    """Row-major grid of non-overlapping crop×crop windows (the paper's 4×4 grid of 32×32 on 128×128)."""
+    H, W = size_hw
+    if H % crop or W % crop:
+        raise ValueError(f"data.step_crop={crop} must divide the patch size {H}x{W}")
+    return [(slice(i, i + crop), slice(j, j + crop)) for i in range(0, H, crop) for j in range(0, W, crop)]
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    accelerator,
+    masker: MaskGenerator,
+    state: TrainState,
+    cfg: dict,
+    total_steps: int,
+    on_step: Callable[[dict], None] | None = None,
+    on_batch_end: Callable[[], bool] | None = None,
+) -> bool:
+    """Run the rest of epoch `state.epoch` from batch `state.batch` (the loader must already skip the
+    done batches). `on_step(metrics)` is called on every process after each logged optimiser step;
+    `on_batch_end()` after each batch, returning True to stop (Ctrl-C, checkpoint). Returns True when
+    training must stop (total_steps reached or stop requested)."""
+    seed = cfg["run"]["seed"]
+    accum = cfg["optim"]["grad_accum"]
+    clip = cfg["optim"]["clip_grad"]
+    log_every = cfg["run"]["log_every"]
+    step_crop = cfg["data"]["step_crop"] if cfg["data"]["step_per_crop"] else None
+    rank = accelerator.process_index
+    model.train()
+
+    meter = _Meter(accelerator)
+    for batch in loader:
+        image = batch["image"].to(accelerator.device, non_blocking=True)
+        dates = batch["dates"].to(accelerator.device, non_blocking=True)
+        pad_mask = batch.get("pad_mask")
+        pad_mask = None if pad_mask is None else pad_mask.to(accelerator.device, non_blocking=True)
+        for x in _micro_batches(image, step_crop):
+            sync = (state.micro + 1) % accum == 0
+            torch.manual_seed(step_seed(seed, state.micro, rank, 0))  # dropout stream of this micro-batch
+            mask, eligible = masker(x, pad_mask, step_generator(seed, state.micro, rank, 1))
+            no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with no_sync:
+                pred = model(x, dates, pad_mask, mask)
+                loss, per_band = masked_mse(pred, x, mask)
+                accelerator.backward(loss / accum)
+            meter.add(loss.detach(), per_band, mask, eligible, pad_mask, x.shape[0])
+            state.micro += 1
+            if not sync:
+                continue
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            scheduler.step_update(state.step)
+            if state.step % log_every == 0 or state.step == total_steps:
+                metrics = meter.summary(optimizer.param_groups[0]["lr"], grad_norm)
+                metrics["example"] = (x[0].detach(), pred[0].detach(), mask[0].detach(),
+                                      None if pad_mask is None else pad_mask[0].detach(),
+                                      batch.get("doy", batch["dates"])[0])
+                if on_step is not None:
+                    on_step(metrics)
+            if state.step >= total_steps:
+                break
+        state.batch += 1
+        stop_requested = on_batch_end() if on_batch_end is not None else False
+        if state.step >= total_steps or stop_requested:
+            return True
+    return False
+
+
+def _micro_batches(image: torch.Tensor, step_crop: int | None) -> Iterator[torch.Tensor]:
+    if step_crop is None:
+        yield image
+        return
+    for rows, cols in grid_crops(image.shape[-2:], step_crop):
+        yield image[..., rows, cols]
+
+
+class _Meter:
+    """Accumulates loss / masked share between logged steps and reduces them over processes."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.reset()
+
+    def reset(self):
+        self.loss_sum = 0.0
+        self.band_sum = None
+        self.n = 0
+        self.masked = 0.0
+        self.valid = 0.0
+        self.eligible = 0.0
+        self.valid_dates = 0.0
+        self.samples = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss, per_band, mask, eligible, pad_mask, n_samples):
+        self.loss_sum = self.loss_sum + loss.float()
+        self.band_sum = per_band.float() if self.band_sum is None else self.band_sum + per_band.float()
+        self.n += 1
+        B, T, H, W = mask.shape
+        n_valid_dates = B * T if pad_mask is None else int((~pad_mask).sum())
+        self.masked += float(mask.sum())
+        self.valid += n_valid_dates * H * W
+        self.eligible += float(eligible.sum())
+        self.valid_dates += n_valid_dates
+        self.samples += n_samples
+
+    def summary(self, lr: float, grad_norm) -> dict:
+        acc = self.accelerator
+        local = torch.stack([self.loss_sum / max(self.n, 1),
+                             torch.tensor(self.masked / max(self.valid, 1), device=self.loss_sum.device),
+                             torch.tensor(self.eligible / max(self.valid_dates, 1), device=self.loss_sum.device)])
+        local = torch.cat([local.to(acc.device), (self.band_sum / max(self.n, 1)).to(acc.device)])
+        mean = acc.reduce(local, reduction="mean")
+        elapsed = time.perf_counter() - self.t0
+        samples = self.samples * acc.num_processes
+        out = {"loss": float(mean[0]), "masked_share": float(mean[1]), "eligible_date_share": float(mean[2]),
+               "lr": float(lr), "samples_per_s": samples / max(elapsed, 1e-9),
+               "band_loss": [float(v) for v in mean[3:]]}
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        self.reset()
+        return out

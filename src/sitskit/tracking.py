@@ -1,0 +1,137 @@
+"""MLflow helpers shared by the training stages. Only the main process should call these.
+
+Tracking URI: $MLFLOW_TRACKING_URI if set, else `sqlite:///mlflow.db` in the current directory (MLflow 3
+refuses the old ./mlruns file store without an opt-in flag). Browse with
+`mlflow ui --backend-store-uri sqlite:///mlflow.db`.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sitskit.config import flatten
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+_MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def start_run(experiment: str, run_name: str, run_id: str | None = None):
+    """Start (or, with `run_id`, resume) a run and return the mlflow.ActiveRun."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if run_id is not None:
+        return mlflow.start_run(run_id=run_id)
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name)
+
+
+def log_config(cfg: dict) -> None:
+    """The full resolved config as flattened params ("optim.lr") plus config.yaml as an artifact."""
+    import mlflow
+
+    from sitskit.config import dump_yaml
+
+    params = {k: _param_value(v) for k, v in flatten(cfg).items()}
+    items = list(params.items())
+    for i in range(0, len(items), 100):  # log_params accepts at most 100 per call
+        mlflow.log_params(dict(items[i:i + 100]))
+    mlflow.log_text(dump_yaml(cfg), "config.yaml")
+
+
+def log_metrics(metrics: dict[str, Any], step: int) -> None:
+    """Log plain floats (tensors are converted; non-finite or non-numeric values are skipped)."""
+    import math
+
+    import mlflow
+
+    clean = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, (int, float)) and math.isfinite(float(value)):
+            clean[key] = float(value)
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def environment_tags() -> dict[str, str]:
+    """git commit (+dirty flag), torch/CUDA versions, hardware; set once per run."""
+    import torch
+
+    tags = {
+        "git.commit": _git("rev-parse", "HEAD") or "unknown",
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "torch.version": torch.__version__,
+        "cuda.version": str(torch.version.cuda),
+        "cuda.available": str(torch.cuda.is_available()).lower(),
+        "python.version": platform.python_version(),
+        "hardware.cpu": _cpu_model(),
+        "hardware.cpu_count": str(os.cpu_count()),
+        "host": platform.node(),
+    }
+    if torch.cuda.is_available():
+        tags["hardware.gpu"] = torch.cuda.get_device_name(0)
+        tags["hardware.gpu_count"] = str(torch.cuda.device_count())
+    try:
+        import accelerate
+
+        tags["accelerate.version"] = accelerate.__version__
+    except ImportError:
+        pass
+    return tags
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path)
+
+
+def log_figure(fig, name: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(fig, name)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    import mlflow
+
+    mlflow.end_run(status=status)
+
+
+def _param_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
