@@ -6,7 +6,7 @@
 """
 from sitskit.models.registry import (build, from_pretrained, list_models, load_state_dict_checked,
                                      read_pretrained_config, register_model, save_pretrained)
-from sitskit.models import stcln  # noqa: F401  (registers stcln_encoder, stcln_pretrain, stcln)
+from sitskit.models import ltae, stcln, utae  # noqa: F401,E402  (register the models)
 
 __all__ = ["build", "from_pretrained", "save_pretrained", "list_models", "register_model",
            "read_pretrained_config", "load_state_dict_checked"]

@@ -66,13 +66,23 @@ def apply_to_valid_frames(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
 
     x: [B, T, C, H, W], pad_mask: [B, T] bool (True = padded) or None -> [B, T, C', H', W']
     """
-    b, t = x.shape[:2]
+    return scatter_frames(fn(gather_frames(x, pad_mask)), pad_mask, x.shape[:2], fill_value)
+
+
+def gather_frames(x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, ...] -> the valid frames [n_valid, ...] (all B*T frames when nothing is padded)."""
     if pad_mask is None or not bool(pad_mask.any()):
-        return fn(x.flatten(0, 1)).unflatten(0, (b, t))
-    valid = ~pad_mask
-    out_valid = fn(x[valid])
-    out = out_valid.new_full((b, t, *out_valid.shape[1:]), fill_value)
-    return out.index_put((valid,), out_valid)
+        return x.flatten(0, 1)
+    return x[~pad_mask]
+
+
+def scatter_frames(frames: torch.Tensor, pad_mask: torch.Tensor | None, batch_shape: tuple[int, int],
+                   fill_value: float = 0.0) -> torch.Tensor:
+    """Inverse of `gather_frames`: [n_valid, ...] -> [B, T, ...], padded frames = fill_value."""
+    if pad_mask is None or not bool(pad_mask.any()):
+        return frames.unflatten(0, tuple(batch_shape))
+    out = frames.new_full((*batch_shape, *frames.shape[1:]), fill_value)
+    return out.index_put((~pad_mask,), frames)
 
 
 def check_inputs(x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None, in_channels: int,

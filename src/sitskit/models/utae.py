@@ -1,0 +1,222 @@
+"""U-TAE (Garnot & Landrieu, ICCV 2021): shared 2-D U-Net encoder per date, L-TAE at the lowest level,
+attention-weighted temporal aggregation of the skip connections, 2-D decoder.
+
+Default = the paper configuration (1,087,260 trainable parameters for 10 channels / 20 classes) with
+the exact state-dict keys and shapes of utae-paps, so official weights load with strict=True.
+
+mode="reference" reproduces the utae-paps numerics: BatchNorm+ReLU on the logits, L-TAE in_norm
+statistics over padded steps, skip aggregation with the post-dropout attention, and the
+`weight_init` of train_semantic.py. mode="clean" (default) fixes them: the logits are Conv -> BN
+without the final ReLU (the BN(20) layer is kept so parameter count and keys stay identical), padded
+steps are excluded from every statistic and the skips use the attention before dropout. In both
+modes padded dates come from the explicit `pad_mask` and are never run through the encoder (no dummy
+forward pass).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from sitskit.models.layers import check_inputs, gather_frames, scatter_frames
+from sitskit.models.ltae import LTAE, MODES
+from sitskit.models.registry import register_model
+
+AGG_MODES = ("att_group", "att_mean", "mean")
+
+
+def make_norm(kind: str, channels: int, n_groups: int = 4) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(n_groups, channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"norm must be 'group' or 'batch', got {kind!r}")
+
+
+class ConvLayer(nn.Module):
+    """Stack of Conv -> Norm -> ReLU for consecutive `widths`; keys `conv.{0,1,3,4,…}` like utae-paps.
+
+    last_relu=False drops the ReLU after the last convolution's norm. [N,C,H,W] -> [N,widths[-1],H',W']
+    """
+
+    def __init__(self, widths: list[int], norm: str = "batch", k: int = 3, s: int = 1, p: int = 1,
+                 last_relu: bool = True, padding_mode: str = "reflect"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [nn.Conv2d(c_in, c_out, k, s, p, padding_mode=padding_mode), make_norm(norm, c_out)]
+            if last_relu or i < len(widths) - 2:
+                layers.append(nn.ReLU())
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ConvBlock(nn.Module):
+    """A ConvLayer wrapped once more (keys `conv.conv.*`, as utae-paps' ConvBlock)."""
+
+    def __init__(self, widths: list[int], norm: str = "batch", last_relu: bool = True,
+                 padding_mode: str = "reflect"):
+        super().__init__()
+        self.conv = ConvLayer(widths, norm=norm, last_relu=last_relu, padding_mode=padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class DownConvBlock(nn.Module):
+    """Strided conv (÷2) -> conv1 -> residual conv2. [N,d_in,H,W] -> [N,d_out,H/2,W/2]"""
+
+    def __init__(self, d_in: int, d_out: int, k: int, s: int, p: int, norm: str, padding_mode: str):
+        super().__init__()
+        self.down = ConvLayer([d_in, d_in], norm=norm, k=k, s=s, p=p, padding_mode=padding_mode)
+        self.conv1 = ConvLayer([d_in, d_out], norm=norm, padding_mode=padding_mode)
+        self.conv2 = ConvLayer([d_out, d_out], norm=norm, padding_mode=padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.down(x))
+        return out + self.conv2(out)
+
+
+class UpConvBlock(nn.Module):
+    """Transposed conv (×2) of the coarse map, concat with the 1x1-conv'd skip, conv1, residual conv2.
+
+    x: [B,d_in,h,w], skip: [B,d_skip,2h,2w] -> [B,d_out,2h,2w]
+    """
+
+    def __init__(self, d_in: int, d_out: int, d_skip: int, k: int, s: int, p: int, padding_mode: str):
+        super().__init__()
+        self.skip_conv = nn.Sequential(nn.Conv2d(d_skip, d_skip, 1), nn.BatchNorm2d(d_skip), nn.ReLU())
+        self.up = nn.Sequential(nn.ConvTranspose2d(d_in, d_out, k, s, p), nn.BatchNorm2d(d_out), nn.ReLU())
+        self.conv1 = ConvLayer([d_out + d_skip, d_out], norm="batch", padding_mode=padding_mode)
+        self.conv2 = ConvLayer([d_out, d_out], norm="batch", padding_mode=padding_mode)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(torch.cat([self.up(x), self.skip_conv(skip)], dim=1))
+        return out + self.conv2(out)
+
+
+def aggregate_skip(x: torch.Tensor, attn: torch.Tensor, pad_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+    """Collapse the time axis of a skip feature map with the L-TAE attention.
+
+    x: [B,T,C,H,W], attn: [G,B,T,h,w] (resized bilinearly to H x W), pad_mask: [B,T] | None -> [B,C,H,W]
+    att_group: channel group g (C/G channels) is summed over time with head g's attention;
+    att_mean: head-averaged attention; mean: plain mean over the valid dates.
+    """
+    valid = None if pad_mask is None else (~pad_mask).to(x.dtype)
+    if mode == "mean":
+        if valid is None:
+            return x.mean(dim=1)
+        return torch.einsum("btchw,bt->bchw", x, valid) / valid.sum(dim=1)[:, None, None, None]
+    if mode == "att_mean":
+        attn = attn.mean(dim=0, keepdim=True)
+    n_head, b, t = attn.shape[:3]
+    attn = resize(attn.flatten(0, 2), x.shape[-2:]).view(n_head, b, t, *x.shape[-2:])
+    if valid is not None:
+        attn = attn * valid[None, :, :, None, None]
+    if mode == "att_mean":
+        return torch.einsum("bthw,btchw->bchw", attn[0], x)
+    groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=n_head)
+    return rearrange(torch.einsum("gbthw,gbtchw->bgchw", attn, groups), "b g c h w -> b (g c) h w")
+
+
+def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[N,h,w] -> [N,*size]: bilinear (align_corners=False) upsampling, average pooling when shrinking."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if size[0] >= maps.shape[-2]:
+        return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return F.adaptive_avg_pool2d(maps[:, None], tuple(size))[:, 0]
+
+
+@register_model("utae")
+class UTAE(nn.Module):
+    """U-TAE semantic segmentation.
+
+    forward(x [B,T,C,H,W], dates [B,T] day offsets, pad_mask [B,T] bool (True = padded) | None)
+      -> logits [B,K,H,W]; with return_maps: (out [B,32,H,W], [ltae_out 128@H/8, up0 64@H/4,
+      up1 32@H/2, up2 32@H]) — the decoder maps for a panoptic head (utae-paps' `encoder=True`).
+    H and W must be divisible by 2**(len(encoder_widths)-1) (8 by default).
+    """
+
+    def __init__(self, in_channels: int = 10, num_classes: int = 20,
+                 encoder_widths: tuple[int, ...] = (64, 64, 64, 128),
+                 decoder_widths: tuple[int, ...] = (32, 32, 64, 128), out_conv_width: int = 32,
+                 str_conv_k: int = 4, str_conv_s: int = 2, str_conv_p: int = 1, agg_mode: str = "att_group",
+                 encoder_norm: str = "group", n_head: int = 16, d_model: int = 256, d_k: int = 4,
+                 ltae_dropout: float = 0.2, padding_mode: str = "reflect", mode: str = "clean",
+                 return_maps: bool = False):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if agg_mode not in AGG_MODES:
+            raise ValueError(f"agg_mode must be one of {AGG_MODES}, got {agg_mode!r}")
+        if len(encoder_widths) != len(decoder_widths) or encoder_widths[-1] != decoder_widths[-1]:
+            raise ValueError("encoder_widths and decoder_widths must have the same length and last width")
+        self.in_channels, self.mode, self.agg_mode, self.return_maps = in_channels, mode, agg_mode, return_maps
+        self.n_stages = len(encoder_widths)
+        ew, dw = list(encoder_widths), list(decoder_widths)
+        self.in_conv = ConvBlock([in_channels, ew[0], ew[0]], norm=encoder_norm, padding_mode=padding_mode)
+        self.down_blocks = nn.ModuleList(
+            DownConvBlock(ew[i], ew[i + 1], str_conv_k, str_conv_s, str_conv_p, encoder_norm, padding_mode)
+            for i in range(self.n_stages - 1)
+        )
+        self.up_blocks = nn.ModuleList(
+            UpConvBlock(dw[i], dw[i - 1], ew[i - 1], str_conv_k, str_conv_s, str_conv_p, padding_mode)
+            for i in range(self.n_stages - 1, 0, -1)
+        )
+        self.temporal_encoder = LTAE(ew[-1], n_head=n_head, d_k=d_k, d_model=d_model, mlp=(d_model, ew[-1]),
+                                     dropout=ltae_dropout, mode=mode)
+        self.out_conv = ConvBlock([dw[0], out_conv_width, num_classes], norm="batch",
+                                  last_relu=(mode == "reference"), padding_mode=padding_mode)
+        if agg_mode == "att_group" and any(c % n_head for c in ew[:-1]):
+            raise ValueError(f"att_group needs encoder widths divisible by n_head={n_head}")
+        if mode == "reference":
+            self.apply(reference_weight_init)
+
+    def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                return_maps: bool | None = None):
+        check_inputs(x, dates, pad_mask, self.in_channels, "utae")
+        factor = 2 ** (self.n_stages - 1)
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"utae: H and W must be divisible by {factor}, got {tuple(x.shape[-2:])}")
+        feature_maps = self.encode(x, pad_mask)
+        out, attn = self.temporal_encoder(feature_maps[-1], dates, pad_mask, return_attention=True)
+        maps = [out]
+        for i, up in enumerate(self.up_blocks):
+            skip = aggregate_skip(feature_maps[-(i + 2)], attn, pad_mask, self.agg_mode)
+            out = up(out, skip)
+            maps.append(out)
+        if self.return_maps if return_maps is None else return_maps:
+            return out, maps
+        return self.out_conv(out)
+
+    def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Shared spatial encoder on the valid frames only -> per level [B,T,C_l,H/2^l,W/2^l] (pads = 0)."""
+        frames = self.in_conv(gather_frames(x, pad_mask))
+        levels = [frames]
+        for down in self.down_blocks:
+            frames = down(frames)
+            levels.append(frames)
+        return [scatter_frames(level, pad_mask, x.shape[:2]) for level in levels]
+
+
+def reference_weight_init(m: nn.Module) -> None:
+    """utae-paps train_semantic.py `weight_init` as described in pastis_utae_paps.md §2.5.
+
+    Conv2d/ConvTranspose2d/Linear: xavier_normal weights, N(0,1) biases; Conv1d: N(0,1) weights and
+    biases; BatchNorm: weight N(0,1), bias 0. GroupNorm and the L-TAE master queries are untouched.
+    """
+    if isinstance(m, nn.Conv1d):
+        nn.init.normal_(m.weight)
+        if m.bias is not None:
+            nn.init.normal_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.xavier_normal_(m.weight)
+        if m.bias is not None:
+            nn.init.normal_(m.bias)
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(m.weight)
+        nn.init.zeros_(m.bias)
