@@ -85,7 +85,9 @@ class H5Writer:
             if resume:
                 print(f"note: no interrupted conversion at {self.partial}; starting from scratch")
             self.partial.unlink(missing_ok=True)
-            self.file = h5py.File(self.partial, "w", libver=("v110", "latest"), track_order=False)
+            # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
+            # that a killed run leaves set, which would make the partial file unopenable for --resume.
+            self.file = h5py.File(self.partial, "w", track_order=False)
             self.file.attrs["conversion_settings"] = self.settings
             self.file.attrs["complete"] = 0
         self.patches = self.file.require_group("patches")
@@ -99,11 +101,12 @@ class H5Writer:
         except OSError as exc:
             raise UserFacingError(f"{self.partial}: cannot reopen the interrupted conversion ({exc}); "
                                   "start again with --force") from exc
-        if f.attrs.get("conversion_settings") != self.settings:
+        started_with = f.attrs.get("conversion_settings")
+        if started_with != self.settings:
             f.close()
             raise UserFacingError(
-                f"{self.partial}: was started with different settings "
-                f"({f.attrs.get('conversion_settings')!r}); resume with the same options or use --force")
+                f"{self.partial}: was started with different settings ({started_with}, now "
+                f"{self.settings}); resume with the same options or use --force")
         for key in list(f.get("patches", {})):
             if not f["patches"][key].attrs.get("complete", 0):
                 del f["patches"][key]  # interrupted mid-patch: redo it
@@ -209,3 +212,34 @@ def open_sits(path: str | os.PathLike) -> h5py.File:
         f.close()
         raise UserFacingError(f"{path}: incomplete conversion")
     return f
+
+
+def h5_differences(a: str | os.PathLike, b: str | os.PathLike,
+                   ignore_attrs: tuple[str, ...] = PROVENANCE_TIME_ATTRS) -> list[str]:
+    """Every dataset/attribute that differs between two files (names, shapes, dtypes, values, attrs)."""
+    diffs: list[str] = []
+
+    def attrs_of(obj) -> dict:
+        return {k: v for k, v in obj.attrs.items() if k not in ignore_attrs}
+
+    def same(x, y) -> bool:
+        x, y = np.asarray(x), np.asarray(y)
+        return x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f")
+
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        items_a, items_b = {}, {}
+        fa.visititems(lambda n, o: items_a.__setitem__(n, o) and None)
+        fb.visititems(lambda n, o: items_b.__setitem__(n, o) and None)
+        for name in sorted(set(items_a) ^ set(items_b)):
+            diffs.append(f"{name}: only in {'the first' if name in items_a else 'the second'} file")
+        for name, oa in [("/", fa)] + sorted(items_a.items()):
+            ob = fb if name == "/" else items_b.get(name)
+            if ob is None:
+                continue
+            aa, ab = attrs_of(oa), attrs_of(ob)
+            for k in sorted(set(aa) | set(ab)):
+                if k not in aa or k not in ab or not same(aa[k], ab[k]):
+                    diffs.append(f"{name}: attribute {k} differs")
+            if isinstance(oa, h5py.Dataset) and not same(oa[()], ob[()]):
+                diffs.append(f"{name}: values differ")
+    return diffs

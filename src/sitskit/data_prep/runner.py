@@ -43,6 +43,16 @@ class Plan:
     index_fields: tuple[str, ...] = ()  # patch attrs copied into /index
 
 
+def _die_with_parent() -> None:
+    """Pool initializer: on Linux, get SIGKILLed when the converting process dies (no orphan readers)."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 def _safe_read(read, key, args):
     try:
         return read(args)
@@ -56,7 +66,7 @@ def _results(plan: Plan, todo: list[tuple[str, object]], workers: int):
         for key, args in todo:
             yield key, _safe_read(plan.read, key, args)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
         pending: deque = deque()
         it = iter(todo)
         for key, args in it:
@@ -98,7 +108,8 @@ def run(plan: Plan, out: str | os.PathLike, *, source: str, workers: int = 0, re
             if isinstance(result, PatchError):
                 if not skip_bad:
                     raise UserFacingError(f"{result}; fix the source or pass --skip-bad")
-                skipped.append((key, str(result)))
+                what, _, why = str(result).partition(": ")  # messages start with "patch <id>: "
+                skipped.append((what, why))
             else:
                 writer.write_patch(result.key, result.sats, result.arrays, result.attrs)
             bar.update(1)
