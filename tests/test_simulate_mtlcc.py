@@ -128,3 +128,12 @@ def test_cli_ids_and_size_48(tmp_path):
     assert sorted(p.name for p in (out / "480" / "data17").iterdir()) == ["17.tfrecord.gz", "4.tfrecord.gz"]
     assert not (out / "480" / "data16").exists()
     assert _read(out / "480" / "data17" / "17.tfrecord.gz")["x60"].shape == (NOBS, 8, 8, 3)
+
+
+def test_show_writes_a_png(mtlcc_root, tmp_path, capsys):
+    out = tmp_path / "tile.png"
+    assert data_prep_main(["show", str(mtlcc_root), "--patch", "1", "--year", "2017", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data_prep_main(["show", str(mtlcc_root), "--patch", "1", "--year", "2015",
+                           "--out", str(tmp_path / "x.png")]) == 2
+    assert "2015" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

@@ -218,3 +218,11 @@ def test_existing_non_empty_out_is_refused(tmp_path):
 def test_unknown_format_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
         data_prep_main(["simulate", "--format", "sentinel3", "--out", str(tmp_path / "x")])
+
+
+def test_show_writes_a_png(pastis_root, tmp_path, capsys):
+    out = tmp_path / "fig" / "patch.png"
+    assert data_prep_main(["show", str(pastis_root), "--patch", "20000", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert data_prep_main(["show", str(pastis_root), "--patch", "12345", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--patch 12345" in capsys.readouterr().err

@@ -39,8 +39,8 @@ TILE_ORIGIN = {"t30uxv": (380000.0, 6840000.0), "t31tfj": (830000.0, 6310000.0),
                "t31tfm": (830000.0, 6610000.0), "t32ulu": (980000.0, 6800000.0)}
 PATCH_GRID_COLS = 40
 
-_CLASS_IDS = np.array(sorted(PASTIS_PROGRAMS))
-_CLASS_WEIGHTS = np.array([PASTIS_PARCEL_COUNTS[c] for c in _CLASS_IDS], dtype=np.float64)
+CLASS_IDS = np.array(sorted(PASTIS_PROGRAMS))
+CLASS_WEIGHTS = np.array([PASTIS_PARCEL_COUNTS[c] for c in CLASS_IDS], dtype=np.float64)
 
 
 @dataclass
@@ -128,14 +128,24 @@ def _rngs(seed: int, patch_id: int) -> dict[str, np.random.Generator]:
 
 
 def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1: bool = False,
-                          year: int = 2019) -> PastisPatch:
-    """Simulate one PASTIS patch (deterministic in seed and patch_id). `year` = harvest year."""
+                          year: int = 2019, class_weights: dict[int, float] | None = None) -> PastisPatch:
+    """Simulate one PASTIS patch (deterministic in seed and patch_id). `year` = harvest year.
+
+    class_weights: optional {class id 1..18: weight} replacing the PASTIS parcel frequencies (e.g. to
+    oversample rare classes in experiments); classes left out never occur.
+    """
     tile = tile_of(patch_id)
     r = _rngs(seed, patch_id)
     shift, cloud_factor, rain = year_climate(year)
     shift += TILE_SHIFT[tile]
     layout = make_layout(r["layout"], size, MEAN_FIELD_PX, BACKGROUND_SHARE)
-    classes = scene.assign_classes(r["classes"], layout, _CLASS_IDS, _CLASS_WEIGHTS, PASTIS_PROGRAMS)
+    weights = CLASS_WEIGHTS
+    if class_weights is not None:
+        unknown = set(class_weights) - set(CLASS_IDS.tolist())
+        if unknown or not any(v > 0 for v in class_weights.values()):
+            raise UserFacingError(f"class_weights {class_weights}: give positive weights for crop ids 1..18")
+        weights = np.array([float(class_weights.get(int(c), 0.0)) for c in CLASS_IDS])
+    classes = scene.assign_classes(r["classes"], layout, CLASS_IDS, weights, PASTIS_PROGRAMS)
 
     dates = draw_s2_dates(r["dates"], year)
     s1_dates = {}
@@ -177,6 +187,20 @@ def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1
     return PastisPatch(id=patch_id, tile=tile, dates=dates, s2=s2, target=target, parcel_ids=parcel_ids,
                        instances=instances, heatmap=heatmap, zones=zones, cloud_mask=clouds.mask,
                        region=layout.region, region_class=classes.cls, s1=s1)
+
+
+def pastis_parcel_classes(patch_id: int, size: int = 128, seed: int = 0) -> np.ndarray:
+    """Semantic class (1..18, or 19 = void) of every parcel visible in the patch, in region order.
+
+    Same draws as `simulate_pastis_patch` (layout and classes only, no rendering): cheap enough to
+    measure class frequencies over thousands of parcels.
+    """
+    r = _rngs(seed, patch_id)
+    layout = make_layout(r["layout"], size, MEAN_FIELD_PX, BACKGROUND_SHARE)
+    classes = scene.assign_classes(r["classes"], layout, CLASS_IDS, CLASS_WEIGHTS, PASTIS_PROGRAMS)
+    visible = layout.field_regions
+    void = layout.inside_frac[visible] < VOID_INSIDE_FRAC
+    return np.where(void, PASTIS_VOID, classes.cls[visible])
 
 
 # ---------------------------------------------------------------------------------------------- writer
