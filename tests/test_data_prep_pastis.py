@@ -17,10 +17,7 @@ from sitskit.data_prep.h5schema import h5_differences
 
 
 def simulate_pastis(out, **kw):
-    try:
-        from sitskit.simulate import simulate_pastis as sim
-    except ImportError:  # until the package re-exports it
-        from sitskit.simulate.pastis import simulate_pastis as sim
+    from sitskit.simulate import simulate_pastis as sim
     return sim(out, **kw)
 
 

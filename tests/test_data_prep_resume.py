@@ -17,10 +17,7 @@ from sitskit.data_prep.h5schema import KILL_HOOK_ENV, h5_differences
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    try:
-        from sitskit.simulate import simulate_pastis
-    except ImportError:  # until the package re-exports it
-        from sitskit.simulate.pastis import simulate_pastis
+    from sitskit.simulate import simulate_pastis
     root = tmp_path_factory.mktemp("pastis") / "PASTIS"
     simulate_pastis(root, n_patches=5, size=32, seed=11, with_s1=True)
     return root
