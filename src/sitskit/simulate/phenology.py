@@ -21,8 +21,8 @@ _C = dict
 CROPS: dict[str, dict[str, float]] = {
     #                 sow  winter  up  k_up peak  sen k_sen harvest
     "soft_wheat": _C(sow=-75, winter=0.30, up=80, k_up=9, peak=0.92, sen=165, k_sen=6, harvest=192),
-    "durum_wheat": _C(sow=-72, winter=0.28, up=76, k_up=9, peak=0.86, sen=158, k_sen=5, harvest=185),
-    "triticale": _C(sow=-70, winter=0.30, up=88, k_up=9, peak=0.93, sen=175, k_sen=6, harvest=202),
+    "durum_wheat": _C(sow=-64, winter=0.25, up=80, k_up=8, peak=0.88, sen=159, k_sen=5, harvest=186),
+    "triticale": _C(sow=-78, winter=0.34, up=84, k_up=10, peak=0.93, sen=173, k_sen=6, harvest=200),
     "mixed_cereal": _C(sow=-72, winter=0.30, up=80, k_up=9, peak=0.88, sen=163, k_sen=6, harvest=195),
     "spelt": _C(sow=-70, winter=0.28, up=86, k_up=9, peak=0.90, sen=172, k_sen=6, harvest=205),
     "winter_rye": _C(sow=-85, winter=0.35, up=72, k_up=8, peak=0.90, sen=155, k_sen=6, harvest=190),
@@ -180,17 +180,17 @@ def cover_fractions(programs: list[str], t: np.ndarray, rng: np.random.Generator
     for name in sorted(set(programs)):
         idx = np.flatnonzero(names == name)
         n = len(idx)
-        common = year_shift + rng.normal(0, 4.0, (n, 1))  # per-parcel sowing/weather offset
+        common = year_shift + rng.normal(0, 3.0, (n, 1))  # per-parcel sowing/weather offset
         if name in CROPS:
             base = CROPS[name]
             p = {}
             for key in ("sow", "up", "sen", "harvest"):
-                p[key] = base[key] + common + rng.normal(0, 2.5, (n, 1))
+                p[key] = base[key] + common + rng.normal(0, 4.0, (n, 1))  # variety, local weather
             p["sow"] = np.minimum(p["sow"], p["up"] - 30)
             p["k_up"] = base["k_up"] * rng.uniform(0.85, 1.15, (n, 1))
             p["k_sen"] = base["k_sen"] * rng.uniform(0.85, 1.15, (n, 1))
             p["peak"] = np.minimum(base["peak"] * rng.uniform(0.88, 1.04, (n, 1)), 0.95)
-            p["winter"] = base["winter"] * rng.uniform(0.7, 1.2, (n, 1))
+            p["winter"] = base["winter"] * rng.uniform(0.65, 1.3, (n, 1))
             p["catch"] = (base["winter"] == 0) * (rng.random((n, 1)) < 0.3) * rng.uniform(0.2, 0.45, (n, 1))
             p["regrow"] = (rng.random((n, 1)) < 0.35) * rng.uniform(0.1, 0.35, (n, 1))
             if name == "rapeseed":

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import ndtri
 
 from . import atmosphere, spectra
 from .noise import smooth_noise
@@ -65,21 +66,30 @@ def render_reflectance(frac_pix: np.ndarray, moisture: np.ndarray, texture: Text
 
     `aerosol` [T]: if given, the L1C top-of-atmosphere path term is added (MTLCC), else surface (PASTIS).
     """
-    surface = spectra.mix(frac_pix, moisture, texture.soil)  # [T, 13, P]
+    surface = spectra.mix(frac_pix, moisture, texture.soil, band_idx)  # [T, B, P]
     if aerosol is not None:
-        surface = spectra.to_toa(surface, aerosol)
-    refl = surface[:, band_idx].reshape(len(moisture), len(band_idx), *shape)
+        surface = spectra.to_toa(surface, aerosol, band_idx)
+    refl = surface.reshape(len(moisture), len(band_idx), *shape)
     if clouds is not None:
         refl = atmosphere.apply_clouds(refl, clouds, band_idx)
     return refl
 
 
+# Standard-normal quantiles at 65 536 equiprobable points: indexing it with random uint16 draws gives
+# Gaussian noise (truncated at ±4.3 sigma) about 4x faster than Generator.standard_normal.
+_GAUSS_TABLE = ndtri((np.arange(1 << 16, dtype=np.float64) + 0.5) / (1 << 16)).astype(np.float32)
+
+
 def add_noise_and_quantise(rng: np.random.Generator, refl: np.ndarray, band_idx: list[int],
                            dtype) -> np.ndarray:
     """Sensor noise, ×10 000 and rounding to integer digital numbers (clipped to 0..32 767)."""
-    sigma = spectra.NOISE_SIGMA[band_idx].reshape((1, -1) + (1,) * (refl.ndim - 2))
-    noisy = refl + rng.standard_normal(refl.shape, dtype=np.float32) * sigma
-    return np.clip(np.rint(noisy * 10000), 0, 32767).astype(dtype)
+    sigma = spectra.NOISE_SIGMA[band_idx].reshape((1, -1) + (1,) * (refl.ndim - 2)) * np.float32(10000)
+    dn = _GAUSS_TABLE[rng.integers(0, 1 << 16, size=refl.shape, dtype=np.uint16)]
+    dn *= sigma
+    dn += refl * np.float32(10000)
+    np.rint(dn, out=dn)
+    np.clip(dn, 0, 32767, out=dn)
+    return dn.astype(dtype)
 
 
 def region_fractions(rng: np.random.Generator, classes: RegionClasses, days: np.ndarray,

@@ -42,21 +42,26 @@ _MIX_ORDER = ["soil_dry", "soil_wet", "green", "senescent", "flower", "water", "
 MIX_MATRIX = np.array([ENDMEMBERS[k] for k in _MIX_ORDER], np.float32).T  # [13, 8]
 
 
-def mix(fractions: np.ndarray, moisture: np.ndarray, soil_brightness: np.ndarray) -> np.ndarray:
+def mix(fractions: np.ndarray, moisture: np.ndarray, soil_brightness: np.ndarray,
+        band_idx: list[int] | None = None) -> np.ndarray:
     """Linear mixture of endmembers.
 
     fractions: [T, 6, P] cover of phenology.COMPONENTS (green, senescent, flower, water, urban, shade);
     moisture: [T] soil wetness 0..1 (dry -> wet soil spectrum); soil_brightness: [P] soil albedo factor.
-    Returns surface reflectance float32 [T, 13, P].
+    band_idx: bands to compute (positions in ALL_BANDS), default all 13.
+    Returns surface reflectance float32 [T, B, P].
     """
     soil = np.clip(1.0 - fractions.sum(1), 0.0, 1.0) * soil_brightness[None, :]  # [T, P]
     m = moisture[:, None].astype(np.float32)
     full = np.concatenate([(soil * (1 - m))[:, None], (soil * m)[:, None], fractions], axis=1)  # [T, 8, P]
-    return np.matmul(MIX_MATRIX[None], full.astype(np.float32))
+    matrix = MIX_MATRIX if band_idx is None else MIX_MATRIX[band_idx]
+    return np.matmul(matrix[None], full.astype(np.float32))
 
 
-def to_toa(surface: np.ndarray, aerosol: np.ndarray) -> np.ndarray:
-    """L1C top-of-atmosphere reflectance. surface: [T, 13, ...]; aerosol: [T] path-term factor."""
+def to_toa(surface: np.ndarray, aerosol: np.ndarray, band_idx: list[int] | None = None) -> np.ndarray:
+    """L1C top-of-atmosphere reflectance. surface: [T, B, ...] of the bands `band_idx` (default all 13);
+    aerosol: [T] path-term factor."""
+    idx = slice(None) if band_idx is None else band_idx
     shape = (1, -1) + (1,) * (surface.ndim - 2)
-    path = TOA_PATH.reshape(shape) * aerosol.reshape((-1,) + (1,) * (surface.ndim - 1)).astype(np.float32)
-    return path + TOA_TRANS.reshape(shape) * surface
+    path = TOA_PATH[idx].reshape(shape) * aerosol.reshape((-1,) + (1,) * (surface.ndim - 1)).astype(np.float32)
+    return path + TOA_TRANS[idx].reshape(shape) * surface
