@@ -170,16 +170,21 @@ class SITSDataset(Dataset):
         key = self.keys_all[row]
         group = self._h5()[f"patches/{key}"]
         data = group[self.sat]["data"]
-        if len(keep) == data.shape[0]:
+        if len(keep) == data.shape[0] and not self.crop:  # whole series: straight into one buffer
+            raw = np.empty(data.shape, data.dtype)
+            data.read_direct(raw)
+        elif len(keep) == data.shape[0]:
             raw = data[:, :, ys, xs]
         elif len(keep) and keep[-1] - keep[0] + 1 == len(keep):  # contiguous (early season): a slice
             raw = data[int(keep[0]): int(keep[-1]) + 1, :, ys, xs]
         else:
             raw = data[keep, :, ys, xs]
-        raw = raw.astype(np.float32)
+        image = raw.astype(np.float32)
         if self.noise_sigma > 0 and rng.random() < self.noise_prob:
-            raw = transforms.add_noise(raw, self.noise_sigma, self.reflectance_scale, rng)
-        image = (raw - self.norm_mean[None, :, None, None]) / self.norm_std[None, :, None, None]
+            image = transforms.add_noise(image, self.noise_sigma, self.reflectance_scale, rng)
+        # (raw - mean) / std, in place: no float32 temporaries of the whole series
+        np.subtract(image, self.norm_mean[None, :, None, None], out=image)
+        np.divide(image, self.norm_std[None, :, None, None], out=image)
         maps = self._targets(group, ys, xs) if self.task != "pretrain" else {}
         if self.augment:
             k, flip = transforms.draw_geometry(rng)

@@ -58,6 +58,34 @@ def compression_options(name: str) -> dict:
     raise UserFacingError(f"unknown compression {name!r} (use zstd, gzip or none)")
 
 
+class CompressedSeries:
+    """A [T, C, H, W] series already cut into one-date chunks and run through the HDF5 filter pipeline
+    (in a reader process), so that the single writer only copies bytes (`write_direct_chunk`)."""
+
+    def __init__(self, arr: np.ndarray, compression: dict):
+        self.shape, self.dtype = arr.shape, arr.dtype
+        # An in-memory HDF5 file applies exactly the filters the writer declares for the dataset.
+        with h5py.File(f"mem-{id(arr)}", "w", driver="core", backing_store=False) as mem:
+            d = mem.create_dataset("x", data=arr, chunks=(1, *arr.shape[1:]), **compression)
+            self.chunks = [d.id.read_direct_chunk((t, 0, 0, 0)) for t in range(arr.shape[0])]
+
+    def write_into(self, group: h5py.Group, name: str, compression: dict) -> None:
+        d = group.create_dataset(name, shape=self.shape, dtype=self.dtype, chunks=(1, *self.shape[1:]),
+                                 **compression)
+        for t, (mask, data) in enumerate(self.chunks):
+            d.id.write_direct_chunk((t, 0, 0, 0), data, mask)
+
+
+def precompress(sats: dict[str, dict], compression_name: str) -> None:
+    """Replace each non-empty series by its CompressedSeries (called in reader processes)."""
+    opts = compression_options(compression_name)
+    if not opts:
+        return
+    for s in sats.values():
+        if isinstance(s["data"], np.ndarray) and s["data"].shape[0] > 0:
+            s["data"] = CompressedSeries(s["data"], opts)
+
+
 def iso_dates(dates: list[_dt.date]) -> np.ndarray:
     return np.array([d.isoformat().encode() for d in dates], dtype="S10")
 
@@ -129,6 +157,9 @@ class H5Writer:
         group = self.file.require_group(where)
         if name in group:
             del group[name]
+        if isinstance(arr, CompressedSeries):
+            arr.write_into(group, name, self.compression)
+            return
         kwargs = dict(self.compression) if compress and arr.size and arr.ndim else {}
         if chunk_dates and arr.size:
             kwargs["chunks"] = (1, *arr.shape[1:])

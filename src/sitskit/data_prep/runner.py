@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sitskit.errors import UserFacingError
 
-from .h5schema import H5Writer
+from .h5schema import H5Writer, precompress
 
 
 class PatchError(Exception):
@@ -53,14 +53,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def _safe_read(read, key, args):
+def _safe_read(read, key, args, compression=None):
     try:
-        return read(args)
+        record = read(args)
     except PatchError as exc:
         return exc
+    if compression:  # in a worker: compress here so that the single writer only copies bytes
+        precompress(record.sats, compression)
+    return record
 
 
-def _results(plan: Plan, todo: list[tuple[str, object]], workers: int):
+def _results(plan: Plan, todo: list[tuple[str, object]], workers: int, compression: str):
     """Yield (key, PatchRecord | PatchError) in plan order; at most 2*workers patches in flight."""
     if workers <= 0:
         for key, args in todo:
@@ -70,14 +73,14 @@ def _results(plan: Plan, todo: list[tuple[str, object]], workers: int):
         pending: deque = deque()
         it = iter(todo)
         for key, args in it:
-            pending.append((key, pool.submit(_safe_read, plan.read, key, args)))
+            pending.append((key, pool.submit(_safe_read, plan.read, key, args, compression)))
             if len(pending) >= 2 * workers:
                 break
         while pending:
             key, fut = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt[0], pool.submit(_safe_read, plan.read, *nxt)))
+                pending.append((nxt[0], pool.submit(_safe_read, plan.read, *nxt, compression)))
             yield key, fut.result()
 
 
@@ -104,7 +107,7 @@ def run(plan: Plan, out: str | os.PathLike, *, source: str, workers: int = 0, re
         todo = [(k, a) for k, a in plan.jobs if k not in done]
         bar = tqdm(total=len(plan.jobs), initial=len(plan.jobs) - len(todo), unit="patch",
                    desc=f"converting {Path(source).name}", disable=None)
-        for key, result in _results(plan, todo, workers):
+        for key, result in _results(plan, todo, workers, compression):
             if isinstance(result, PatchError):
                 if not skip_bad:
                     raise UserFacingError(f"{result}; fix the source or pass --skip-bad")
