@@ -16,7 +16,8 @@ from .parcels import BORDER, CONIFER, FOREST, URBAN, WATER
 COMPONENTS = ("green", "senescent", "flower", "water", "urban", "shade")
 
 # Annual crops: sow, winter canopy (autumn-sown), spring green-up midpoint and width, peak cover,
-# senescence midpoint and width, harvest day (season days). Values follow crop_phenology.md.
+# senescence midpoint and width, harvest day (season days), optional per-stage jitter (days, default 4;
+# corn is sown over a month and harvested for silage or grain). Values follow crop_phenology.md.
 _C = dict
 CROPS: dict[str, dict[str, float]] = {
     #                 sow  winter  up  k_up peak  sen k_sen harvest
@@ -32,8 +33,8 @@ CROPS: dict[str, dict[str, float]] = {
     "summer_oat": _C(sow=70, winter=0.0, up=120, k_up=8, peak=0.88, sen=190, k_sen=6, harvest=222),
     "peas": _C(sow=70, winter=0.0, up=118, k_up=7, peak=0.80, sen=172, k_sen=5, harvest=192),
     "beans": _C(sow=85, winter=0.0, up=135, k_up=8, peak=0.85, sen=200, k_sen=6, harvest=225),
-    "corn": _C(sow=115, winter=0.0, up=170, k_up=9, peak=0.93, sen=250, k_sen=8, harvest=275),
-    "sorghum": _C(sow=140, winter=0.0, up=195, k_up=9, peak=0.85, sen=270, k_sen=8, harvest=290),
+    "corn": _C(sow=115, winter=0.0, up=170, k_up=7, peak=0.93, sen=250, k_sen=7, harvest=275, jitter=7),
+    "sorghum": _C(sow=118, winter=0.0, up=174, k_up=15, peak=0.86, sen=262, k_sen=13, harvest=285, jitter=7),
     "sunflower": _C(sow=110, winter=0.0, up=160, k_up=8, peak=0.82, sen=215, k_sen=6, harvest=255),
     "beet": _C(sow=85, winter=0.0, up=150, k_up=10, peak=0.93, sen=285, k_sen=12, harvest=295),
     "potatoes": _C(sow=100, winter=0.0, up=150, k_up=7, peak=0.90, sen=205, k_sen=2, harvest=235),
@@ -185,7 +186,8 @@ def cover_fractions(programs: list[str], t: np.ndarray, rng: np.random.Generator
             base = CROPS[name]
             p = {}
             for key in ("sow", "up", "sen", "harvest"):
-                p[key] = base[key] + common + rng.normal(0, 4.0, (n, 1))  # variety, local weather
+                # variety, local weather: stages vary partly independently
+                p[key] = base[key] + common + rng.normal(0, base.get("jitter", 4.0), (n, 1))
             p["sow"] = np.minimum(p["sow"], p["up"] - 30)
             p["k_up"] = base["k_up"] * rng.uniform(0.85, 1.15, (n, 1))
             p["k_sen"] = base["k_sen"] * rng.uniform(0.85, 1.15, (n, 1))
