@@ -46,7 +46,8 @@ def main() -> None:
     rows = []
     simulate_pastis_patch(10000, size=32)  # warm-up (imports, FFT plans)
     for size, s1 in ((128, False), (128, True), (64, False)):
-        wall, cpu, p = _time(lambda k: simulate_pastis_patch(10001 + k, size=size, with_s1=s1), args.repeats)
+        wall, cpu, p = _time(lambda k, size=size, s1=s1: simulate_pastis_patch(10001 + k, size=size, with_s1=s1),
+                             args.repeats)
         dates = f"{len(p.dates)}" + (f" + S1 {len(p.s1['S1A'][0])}/{len(p.s1['S1D'][0])}" if s1 else "")
         rows.append((f"PASTIS patch{' + S1' if s1 else ''}, in memory", f"{size}×{size}", dates, wall, cpu))
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,7 +55,7 @@ def main() -> None:
         wall, cpu, _ = _time(lambda k: simulate_pastis(Path(tmp) / f"p{k}", n_patches=4, size=128), 1)
         rows.append(("PASTIS writer (npy + json), per patch", "128×128", "38–61", wall / 4, cpu / 4))
         for size in (48, 24):
-            wall, cpu, t = _time(lambda k: simulate_mtlcc_tile(k, 2017, size=size), n)
+            wall, cpu, t = _time(lambda k, size=size: simulate_mtlcc_tile(k, 2017, size=size), n)
             rows.append(("MTLCC tile-year, in memory", f"{size}×{size}", f"{t.n_obs} (padded to {len(t.doy)})",
                          wall, cpu))
         wall, cpu, _ = _time(lambda k: simulate_mtlcc(Path(tmp) / f"m{k}", n_tiles=4, size=48), 1)
@@ -62,8 +63,8 @@ def main() -> None:
     lines = [
         "## Simulator speed",
         "",
-        f"{_cpu_name()}, 2 cores shared with other jobs, single-threaded numpy (OMP_NUM_THREADS=1); "
-        f"{dt.date.today().isoformat()}; `python benchmarks/bench_simulator.py` (median of {args.repeats}).",
+        (f"{_cpu_name()}, 2 cores shared with other jobs, single-threaded numpy (OMP_NUM_THREADS=1); "
+         f"{dt.date.today().isoformat()}; `python benchmarks/bench_simulator.py` (median of {args.repeats})."),
         "",
         "| what | size (px) | dates | wall s | CPU s |",
         "|---|---|---|---:|---:|",

@@ -57,7 +57,7 @@ def test_side_files(mtlcc_root):
         assert (root / sec["tiletable"]).exists()
     splits = {name: [int(v) for v in (root / "tileids" / f"{name}.tileids").read_text().split()]
               for name in ("train_fold0", "test_fold0", "eval")}
-    all_ids = sorted(sum(splits.values(), []))
+    all_ids = sorted(i for ids in splits.values() for i in ids)
     assert all_ids == list(range(N_TILES)) and all(splits.values())
     geo = [line.split(",") for line in (root / "geotransforms.csv").read_text().splitlines()]
     assert sorted(int(r[0]) for r in geo) == all_ids

@@ -169,8 +169,8 @@ def test_phenology_of_key_classes():
         t = clear & (days >= lo) & (days <= hi)
         return float(np.median(ndvi[t][:, p.semantic == cls]))
 
-    assert median_ndvi(3, 60, 100) < 0.35 < 0.75 < median_ndvi(3, 200, 240)   # corn
-    assert median_ndvi(2, 110, 140) > 0.75 > 0.35 > median_ndvi(2, 200, 240)  # wheat, harvested in July
+    assert median_ndvi(3, 60, 100) < 0.35 and median_ndvi(3, 200, 240) > 0.75   # corn
+    assert median_ndvi(2, 110, 140) > 0.75 and median_ndvi(2, 200, 240) < 0.35  # wheat, harvested in July
 
 
 def _greenup_doy(tile, cls):

@@ -7,5 +7,11 @@ class of every pixel) for tests and experiments. See docs/simulator.md.
 from .mtlcc import MtlccTile, simulate_mtlcc, simulate_mtlcc_tile
 from .pastis import PastisPatch, simulate_pastis, simulate_pastis_patch
 
-__all__ = ["simulate_pastis", "simulate_mtlcc", "simulate_pastis_patch", "simulate_mtlcc_tile",
-           "PastisPatch", "MtlccTile"]
+__all__ = [
+           "MtlccTile",
+           "PastisPatch",
+           "simulate_mtlcc",
+           "simulate_mtlcc_tile",
+           "simulate_pastis",
+           "simulate_pastis_patch",
+]

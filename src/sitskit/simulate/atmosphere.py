@@ -69,7 +69,7 @@ def draw_clouds(rng: np.random.Generator, n_dates: int, shape: tuple[int, int], 
         thick *= rng.uniform(0.5, 1.0)  # some blobs stay semi-transparent
         tau[t] = thick
         height = rng.uniform(3, 9) * scale
-        dy, dx = int(round(SUN_SHIFT[0] * height)), int(round(SUN_SHIFT[1] * height))
+        dy, dx = round(SUN_SHIFT[0] * height), round(SUN_SHIFT[1] * height)
         shifted = np.zeros_like(thick)
         ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
         xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))

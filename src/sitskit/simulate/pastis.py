@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sitskit.constants import (PASTIS_CRS, PASTIS_PARCEL_COUNTS, PASTIS_TILES, PASTIS_VOID)
+from sitskit.constants import PASTIS_CRS, PASTIS_PARCEL_COUNTS, PASTIS_TILES, PASTIS_VOID
 from sitskit.errors import UserFacingError
 
 from . import atmosphere, scene

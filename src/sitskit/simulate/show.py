@@ -16,14 +16,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from scipy import ndimage
 
-from sitskit.constants import (MTLCC_CLASSES, MTLCC_ORIGINAL_IDS, PASTIS_BANDS, PASTIS_CLASSES,  # noqa: E402
-                               PASTIS_COLORS)
-from sitskit.errors import UserFacingError  # noqa: E402
+from sitskit.constants import MTLCC_CLASSES, MTLCC_ORIGINAL_IDS, PASTIS_BANDS, PASTIS_CLASSES, PASTIS_COLORS
+from sitskit.errors import UserFacingError
 
 
 @dataclass
