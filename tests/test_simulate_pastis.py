@@ -226,3 +226,20 @@ def test_show_writes_a_png(pastis_root, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert data_prep_main(["show", str(pastis_root), "--patch", "12345", "--out", str(tmp_path / "x.png")]) == 2
     assert "--patch 12345" in capsys.readouterr().err
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    import sitskit.simulate.pastis as pastis_mod
+
+    real, calls = pastis_mod.simulate_pastis_patch, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pastis_mod, "simulate_pastis_patch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_pastis(tmp_path / "out", n_patches=3, size=16)
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from sitskit.constants import PASTIS_BANDS
-from sitskit.simulate import simulate_mtlcc_tile, simulate_pastis_patch
+from sitskit.simulate import pastis_parcel_classes, simulate_mtlcc_tile, simulate_pastis_patch
 from sitskit.simulate.mtlcc import MEAN_FIELD_PX as MTLCC_FIELD_PX
 from sitskit.simulate.parcels import FIELD, Layout, make_layout
-from sitskit.simulate.pastis import CLASS_IDS, CLASS_WEIGHTS, pastis_parcel_classes, season_day
+from sitskit.simulate.pastis import CLASS_IDS, CLASS_WEIGHTS, season_day
 from sitskit.simulate.phenology import PASTIS_PROGRAMS
 from sitskit.simulate.scene import assign_classes
 

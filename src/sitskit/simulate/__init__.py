@@ -5,13 +5,14 @@
 class of every pixel) for tests and experiments. See docs/simulator.md.
 """
 from .mtlcc import MtlccTile, simulate_mtlcc, simulate_mtlcc_tile
-from .pastis import PastisPatch, simulate_pastis, simulate_pastis_patch
+from .pastis import PastisPatch, pastis_parcel_classes, simulate_pastis, simulate_pastis_patch
 
 __all__ = [
-           "MtlccTile",
-           "PastisPatch",
-           "simulate_mtlcc",
-           "simulate_mtlcc_tile",
-           "simulate_pastis",
-           "simulate_pastis_patch",
+    "MtlccTile",
+    "PastisPatch",
+    "pastis_parcel_classes",
+    "simulate_mtlcc",
+    "simulate_mtlcc_tile",
+    "simulate_pastis",
+    "simulate_pastis_patch",
 ]
