@@ -97,13 +97,14 @@ def main() -> None:
     root = args.work / f"pastis_{args.patches}x{args.size}"
     if not root.exists():
         simulate_pastis(root, n_patches=args.patches, size=args.size, seed=0)
-    h5s = {}
+    h5s, convert_s = {}, {}
     for comp in ("zstd", "gzip"):
         h5s[comp] = args.work / f"pastis_{args.patches}x{args.size}_{comp}.h5"
-        if not h5s[comp].exists():
+        for workers in (0, 2):
             t0 = time.perf_counter()
-            convert_pastis(root, h5s[comp], compression=comp)
-            print(f"convert ({comp}): {time.perf_counter() - t0:.1f} s")
+            convert_pastis(root, h5s[comp], compression=comp, workers=workers, force=True)
+            convert_s[comp, workers] = time.perf_counter() - t0
+            print(f"convert ({comp}, {workers} workers): {convert_s[comp, workers]:.1f} s")
 
     raw_size = du([root / "DATA_S2", root / "ANNOTATIONS", root / "INSTANCE_ANNOTATIONS",
                    root / "metadata.geojson", root / "NORM_S2_patch.json"])
@@ -138,14 +139,17 @@ def main() -> None:
         f"{args.patches} simulated PASTIS patches {args.size}x{args.size} (S2 + annotations); "
         f"{os.cpu_count()}-core CPU ({model}), shared with other jobs; {dt.date.today().isoformat()}; "
         "`python benchmarks/bench_data.py`. Warm page cache, DataLoader batch 4, best of "
-        f"{args.repeats} epochs.",
+        f"{args.repeats} epochs after one untimed epoch; load average during the run "
+        f"{os.getloadavg()[0]:.1f} (other jobs share these cores, so rates vary between runs).",
         "",
-        "| storage | size on disk | vs raw |",
-        "|---|---:|---:|",
-        f"| raw npy folder (DATA_S2, ANNOTATIONS, INSTANCE_ANNOTATIONS, metadata) | {raw_size / 2**20:.1f} MiB | 1.00 |",
+        "| storage | size on disk | vs raw | conversion, 0 / 2 workers |",
+        "|---|---:|---:|---:|",
+        f"| raw npy folder (DATA_S2, ANNOTATIONS, INSTANCE_ANNOTATIONS, metadata) | {raw_size / 2**20:.1f} MiB "
+        "| 1.00 | – |",
     ]
     for comp, size in sizes.items():
-        lines.append(f"| HDF5, shuffle + {comp} | {size / 2**20:.1f} MiB | {size / raw_size:.2f} |")
+        lines.append(f"| HDF5, shuffle + {comp} | {size / 2**20:.1f} MiB | {size / raw_size:.3f} | "
+                     f"{convert_s[comp, 0]:.1f} s / {convert_s[comp, 2]:.1f} s |")
     lines += ["", "| reader | samples/s, 0 workers | samples/s, 2 workers | vs raw (2 workers) |",
               "|---|---:|---:|---:|"]
     for name, r0, r2 in rows:
