@@ -101,13 +101,14 @@ def train_one_epoch(
             state.micro += 1
             if not sync:
                 continue
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             scheduler.step_update(state.step)
             if state.step % log_every == 0 or state.step == total_steps:
-                metrics = meter.summary(optimizer.param_groups[0]["lr"], grad_norm)
+                metrics = meter.summary(lr, grad_norm)
                 metrics["example"] = (x[0].detach(), pred[0].detach(), mask[0].detach(),
                                       None if pad_mask is None else pad_mask[0].detach(),
                                       batch.get("doy", batch["dates"])[0])

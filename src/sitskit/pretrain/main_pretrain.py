@@ -2,7 +2,7 @@
 
 Sets up data, model, optimiser, schedule, Accelerate, MLflow and checkpoints, then calls
 `engine_pretrain.train_one_epoch` until the step budget is spent. Writes `checkpoints/<run-name>/`:
-`state/step_XXXXXXXX/` (Accelerate states for exact resumption; the newest `keep_states` are kept),
+`state/step_XXXXXXXX/` (Accelerate states for exact resumption; the newest `output.keep_states` kept),
 `encoder/` (`save_pretrained` export of the encoder, with the MLflow run id) and `config.yaml`.
 """
 from __future__ import annotations
@@ -22,20 +22,22 @@ from sitskit.errors import UserFacingError
 
 DEFAULTS: dict = {
     "run": {
-        "name": None,  # default: pretrain-<h5 stem>-<UTC time>
-        "output_dir": "checkpoints",
-        "experiment": "sitskit-pretrain",
+        "experiment": "sitskit-pretrain",  # MLflow experiment
         "seed": 0,
-        "resume": False,  # continue the newest state of run.name (or of the newest run in output_dir)
-        "save_every": 500,  # optimiser steps between Accelerate states
-        "keep_states": 2,
-        "log_every": 10,
+        "resume": False,  # continue the newest state of output.name (or of the newest run in output.dir)
+        "log_every": 10,  # optimiser steps between logged metrics
         "tracking": True,  # log to MLflow (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
         "figure": True,  # reconstruction figure as an MLflow artifact at the end
         "progress": True,
     },
+    "output": {
+        "dir": "checkpoints",
+        "name": None,  # run name = folder under output.dir; default: pretrain-<h5 stem>-<UTC time>
+        "save_every": 500,  # optimiser steps between Accelerate states
+        "keep_states": 2,  # newest states kept
+    },
     "data": {
-        "h5": None,  # HDF5 file written by `python data_prep.py pastis|mtlcc`
+        "path": None,  # HDF5 file written by `python data_prep.py pastis|mtlcc`
         "folds": [],  # PASTIS folds ([] = all); STCLN pre-trains on fold 5
         "split": None,  # MTLCC split name (e.g. train_fold0)
         "years": [],  # MTLCC years ([] = all)
@@ -113,14 +115,14 @@ def validate(cfg: dict) -> None:
     for (section, key), choices in _CHOICES.items():
         if cfg[section][key] not in choices:
             raise UserFacingError(f"{section}.{key} must be one of {', '.join(choices)}; got {cfg[section][key]!r}")
-    if not cfg["data"]["h5"]:
-        raise UserFacingError("data.h5 is required: pass --data.h5 FILE.h5 (made by `python data_prep.py pastis|mtlcc`)")
-    if not Path(cfg["data"]["h5"]).is_file():
-        raise UserFacingError(f"data.h5: {cfg['data']['h5']} does not exist")
+    if not cfg["data"]["path"]:
+        raise UserFacingError("data.path is required: pass --data.path FILE.h5 (made by `python data_prep.py pastis|mtlcc`)")
+    if not Path(cfg["data"]["path"]).is_file():
+        raise UserFacingError(f"data.path: {cfg['data']['path']} does not exist")
     if not 0.0 < cfg["mask"]["ratio"] <= 1.0:
         raise UserFacingError(f"mask.ratio must be in (0, 1]; got {cfg['mask']['ratio']}")
     for section, key in (("optim", "grad_accum"), ("data", "batch_size"), ("run", "log_every"),
-                         ("run", "save_every"), ("data", "step_crop"), ("run", "keep_states")):
+                         ("output", "save_every"), ("data", "step_crop"), ("output", "keep_states")):
         if cfg[section][key] < 1:
             raise UserFacingError(f"{section}.{key} must be >= 1; got {cfg[section][key]}")
     if cfg["train"]["max_steps"] is not None and cfg["train"]["max_steps"] < 1:
@@ -176,15 +178,15 @@ class Pretrainer:
         return self.train()
 
     def resolve_run_dir(self) -> Path:
-        run_cfg = self.cfg["run"]
-        out = Path(run_cfg["output_dir"])
-        if run_cfg["name"] is not None:
-            return out / str(run_cfg["name"])
-        if run_cfg["resume"]:  # newest run that has a saved state
+        out_cfg = self.cfg["output"]
+        out = Path(out_cfg["dir"])
+        if out_cfg["name"] is not None:
+            return out / str(out_cfg["name"])
+        if self.cfg["run"]["resume"]:  # newest run that has a saved state
             runs = [p.parent.parent for p in out.glob("*/state/step_*")]
             if runs:
                 return max(runs, key=lambda p: p.stat().st_mtime)
-        stem = Path(self.cfg["data"]["h5"]).stem
+        stem = Path(self.cfg["data"]["path"]).stem
         return out / f"pretrain-{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
     def build_dataset(self):
@@ -193,13 +195,13 @@ class Pretrainer:
         d = self.cfg["data"]
         try:
             return build_dataset(
-                d["h5"], task="pretrain", folds=d["folds"] or None, split=d["split"], years=d["years"] or None,
+                d["path"], task="pretrain", folds=d["folds"] or None, split=d["split"], years=d["years"] or None,
                 norm=None if d["norm"] == "none" else d["norm"], crop=d["crop"], crop_mode=d["crop_mode"],
                 num_dates=d["num_dates"], max_doy=d["max_doy"], seed=self.cfg["run"]["seed"], sat=d["sat"])
         except (ValueError, KeyError, OSError) as exc:
             if isinstance(exc, UserFacingError):
                 raise
-            raise UserFacingError(f"data.h5 {d['h5']}: {exc}") from exc
+            raise UserFacingError(f"data.path {d['path']}: {exc}") from exc
 
     def build_loader(self, dataset):
         from torch.utils.data import DataLoader, DistributedSampler
@@ -208,7 +210,7 @@ class Pretrainer:
 
         acc, d = self.accelerator, self.cfg["data"]
         if len(dataset) == 0:
-            raise UserFacingError(f"data.h5 {d['h5']}: the selection (folds/split/years) holds no patch")
+            raise UserFacingError(f"data.path {d['path']}: the selection (folds/split/years) holds no patch")
         # Every rank shuffles with the same seed and epoch, then takes its own share of the indices.
         self.sampler = DistributedSampler(dataset, num_replicas=acc.num_processes, rank=acc.process_index,
                                           shuffle=True, seed=self.cfg["run"]["seed"], drop_last=False)
@@ -339,6 +341,7 @@ class Pretrainer:
                     if state.step == step_before and state.batch == 0:
                         raise UserFacingError("an epoch made no optimiser step: the data loader is empty")
                     state.epoch, state.batch = state.epoch + 1, 0
+            self.broadcast_buffers()
             self.save_state()
             self.export_encoder()
             if acc.is_main_process and self.tracking:
@@ -359,7 +362,7 @@ class Pretrainer:
         acc.wait_for_everyone()
         acc.end_training()
         where = f"{self.run_dir}/encoder"
-        acc.print(("interrupted; state saved, resume with --run.resume true --run.name " + self.run_dir.name)
+        acc.print(("interrupted; state saved, resume with --run.resume true --output.name " + self.run_dir.name)
                   if exit_code else f"done: encoder exported to {where}")
         return exit_code
 
@@ -368,7 +371,7 @@ class Pretrainer:
         state = self.state
         self.progress.update(state.step - self.progress.n)
         at_boundary = state.micro % self.cfg["optim"]["grad_accum"] == 0
-        if at_boundary and state.step - self.last_saved >= self.cfg["run"]["save_every"]:
+        if at_boundary and state.step - self.last_saved >= self.cfg["output"]["save_every"]:
             self.save_state()
         if at_boundary and self.accelerator.check_trigger():
             self.stop_requested = True
@@ -381,6 +384,15 @@ class Pretrainer:
         self.stop_requested = True
         self.accelerator.set_trigger()
         self.accelerator.print("\nCtrl-C: saving state after this batch (press again to abort without saving)")
+
+    def broadcast_buffers(self) -> None:
+        """DDP copies rank 0's buffers (BatchNorm statistics) to the others at each forward; do it once
+        more at the end so every rank holds exactly the weights that are exported."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for buf in self.accelerator.unwrap_model(self.model).buffers():
+                buf.copy_(broadcast(buf.clone(), from_process=0))
 
     # ---------------------------------------------------------------------------------- checkpoints
     def latest_state(self) -> Path | None:
@@ -402,7 +414,7 @@ class Pretrainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in sorted(self.states_dir.glob("step_*"))[: -self.cfg["run"]["keep_states"]]:
+            for old in sorted(self.states_dir.glob("step_*"))[: -self.cfg["output"]["keep_states"]]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         self.last_saved = step
