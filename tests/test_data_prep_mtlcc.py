@@ -75,6 +75,12 @@ def test_every_tile_year_equals_the_records(source, converted):
         assert f.attrs["ignore_index"] == 0
 
 
+def test_info_lists_splits_years_and_original_ids(converted, capsys):
+    assert cli_main(["info", str(converted)]) == 0
+    text = capsys.readouterr().out
+    assert "per year: 2016: 6, 2017: 6" in text and "per split:" in text and "original ids [0, 1, 2, 3, 5" in text
+
+
 def test_dataset_reads_back_raw_values(source, converted):
     from sitskit.data import build_dataset
     ds = build_dataset(converted, task="semantic", split="eval", years=[2017], norm=None)
@@ -116,6 +122,14 @@ def _unknown_class(path: Path):
     return "class ids [4] not in classes.txt"
 
 
+def _unsorted_dates(path: Path):
+    (ex,) = [decode_mtlcc_example(e) for e in read_tfrecord(path)]
+    doy = ex["doy"].copy()
+    doy[[0, 1]] = doy[[1, 0]]
+    write_tfrecord(path, [encode_mtlcc_example(ex["x10"], ex["x20"], ex["x60"], doy, ex["year"], ex["labels"])])
+    return f"unsorted dates (doy {doy[0]} then {doy[1]})"
+
+
 def _unlisted(path: Path):
     shutil.copy(path, path.with_name("99999.tfrecord.gz"))
     return "99999.tfrecord.gz: file not listed in any tileids file"
@@ -126,7 +140,7 @@ def _missing(path: Path):
     return f"data16/{path.name} is missing"
 
 
-@pytest.mark.parametrize("breaker", [_flip_data_byte, _truncate, _unknown_class, _unlisted, _missing],
+@pytest.mark.parametrize("breaker", [_flip_data_byte, _truncate, _unknown_class, _unsorted_dates, _unlisted, _missing],
                          ids=lambda b: b.__name__.strip("_"))
 def test_bad_records_are_refused(breaker, source, tmp_path, capsys):
     root = tmp_path / "src"
