@@ -177,6 +177,13 @@ def test_same_seed_is_byte_identical_and_seed_matters(tmp_path, pastis_root):
                               np.load(other / "ANNOTATIONS" / "TARGET_10000.npy"))
 
 
+def test_20m_bands_are_smoother_than_10m_bands():
+    """PASTIS 20 m bands were bilinearly upsampled to 10 m: B8A varies less between neighbours than B8."""
+    s2 = simulate_pastis_patch(30001, size=64, seed=0).s2.astype(np.float64)
+    b8, b8a = s2[:, 6], s2[:, 7]
+    assert np.abs(np.diff(b8a, axis=2)).mean() < 0.75 * np.abs(np.diff(b8, axis=2)).mean()
+
+
 def test_s1_does_not_change_s2():
     with_s1 = simulate_pastis_patch(20001, size=SIZE, seed=3, with_s1=True)
     without = simulate_pastis_patch(20001, size=SIZE, seed=3, with_s1=False)
@@ -197,6 +204,7 @@ def test_explicit_ids_and_cli(tmp_path):
     (["--format", "pastis", "--ids", "10000,10000"], "duplicate"),
     (["--format", "mtlcc", "--with-s1"], "Sentinel-1"),
     (["--format", "mtlcc", "--size", "50"], "multiple of 6"),
+    (["--format", "pastis", "--size", "33"], "even"),
     (["--format", "pastis", "--patches", "0"], "--patches"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, needle):

@@ -102,12 +102,6 @@ def draw_doys(rng: np.random.Generator, year: int, nobs: int) -> np.ndarray:
     return np.sort(rng.choice(slots, size=n, replace=False, p=clear / clear.sum()))
 
 
-def _block_mean(x: np.ndarray, k: int) -> np.ndarray:
-    """[T, C, H, W] -> [T, C, H/k, W/k] mean over k×k blocks (the coarser S2 bands)."""
-    t, c, h, w = x.shape
-    return x.reshape(t, c, h // k, k, w // k, k).mean(axis=(3, 5))
-
-
 def check_size(size: int) -> None:
     if size <= 0 or size % 6:
         raise UserFacingError(f"--size {size}: MTLCC tiles must be a multiple of 6 px (the 60 m bands are "
@@ -158,8 +152,8 @@ def simulate_mtlcc_tile(tile_id: int, year: int, size: int = 48, seed: int = 0,
     toa = scene.render_reflectance(frac_pix, moisture, texture, (size, size), MTLCC_BAND_IDX, clouds, aerosol)
     idx10, idx20, idx60 = MTLCC_BAND_IDX[:4], MTLCC_BAND_IDX[4:10], MTLCC_BAND_IDX[10:]
     x10 = scene.add_noise_and_quantise(r["noise"], toa[:, :4], idx10, np.int64)
-    x20 = scene.add_noise_and_quantise(r["noise"], _block_mean(toa[:, 4:10], 2), idx20, np.int64)
-    x60 = scene.add_noise_and_quantise(r["noise"], _block_mean(toa[:, 10:], 6), idx60, np.int64)
+    x20 = scene.add_noise_and_quantise(r["noise"], scene.block_mean(toa[:, 4:10], 2), idx20, np.int64)
+    x60 = scene.add_noise_and_quantise(r["noise"], scene.block_mean(toa[:, 10:], 6), idx60, np.int64)
 
     def pad(a: np.ndarray) -> np.ndarray:  # [n, C, h, w] -> [nobs, h, w, C], zero-padded at the end
         out = np.zeros((nobs, a.shape[2], a.shape[3], a.shape[1]), np.int64)

@@ -16,7 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sitskit.constants import PASTIS_CRS, PASTIS_PARCEL_COUNTS, PASTIS_TILES, PASTIS_VOID
+from sitskit.constants import (
+    PASTIS_BANDS,
+    PASTIS_CRS,
+    PASTIS_PARCEL_COUNTS,
+    PASTIS_TILES,
+    PASTIS_VOID,
+    S2_RESOLUTION_M,
+)
 from sitskit.errors import UserFacingError
 
 from . import atmosphere, scene
@@ -38,6 +45,8 @@ TILE_SHIFT = {"t30uxv": 3.0, "t31tfj": -6.0, "t31tfm": 0.0, "t32ulu": 4.0}
 TILE_ORIGIN = {"t30uxv": (380000.0, 6840000.0), "t31tfj": (830000.0, 6310000.0),
                "t31tfm": (830000.0, 6610000.0), "t32ulu": (980000.0, 6800000.0)}
 PATCH_GRID_COLS = 40
+BANDS_10M = [i for i, b in enumerate(PASTIS_BANDS) if S2_RESOLUTION_M[b] == 10]  # B2, B3, B4, B8
+BANDS_20M = [i for i, b in enumerate(PASTIS_BANDS) if S2_RESOLUTION_M[b] == 20]  # B5-B7, B8A, B11, B12
 
 CLASS_IDS = np.array(sorted(PASTIS_PROGRAMS))
 CLASS_WEIGHTS = np.array([PASTIS_PARCEL_COUNTS[c] for c in CLASS_IDS], dtype=np.float64)
@@ -127,6 +136,12 @@ def _rngs(seed: int, patch_id: int) -> dict[str, np.random.Generator]:
     return {n: np.random.default_rng(s) for n, s in zip(names, seqs)}
 
 
+def check_size(size: int) -> None:
+    if size < 8 or size % 2:
+        raise UserFacingError(f"--size {size}: PASTIS patches must be an even number of pixels >= 8 "
+                              f"(the 20 m bands are simulated on a 2×2 grid); the real size is 128")
+
+
 def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1: bool = False,
                           year: int = 2019, class_weights: dict[int, float] | None = None) -> PastisPatch:
     """Simulate one PASTIS patch (deterministic in seed and patch_id). `year` = harvest year.
@@ -134,6 +149,7 @@ def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1
     class_weights: optional {class id 1..18: weight} replacing the PASTIS parcel frequencies (e.g. to
     oversample rare classes in experiments); classes left out never occur.
     """
+    check_size(size)
     tile = tile_of(patch_id)
     r = _rngs(seed, patch_id)
     shift, cloud_factor, rain = year_climate(year)
@@ -163,7 +179,14 @@ def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1
     frac_pix = scene.pixel_fractions(fractions[:, sel], layout, texture)
     clouds = atmosphere.draw_clouds(r["clouds"], len(dates), (size, size), P_CLOUDY * cloud_factor)
     refl = scene.render_reflectance(frac_pix, moisture[sel], texture, (size, size), PASTIS_BAND_IDX, clouds)
-    s2 = scene.add_noise_and_quantise(r["noise"], refl, PASTIS_BAND_IDX, np.int16)
+    # 20 m bands: rendered on the 20 m grid (2×2 means, their own noise), then bilinearly upsampled
+    # to 10 m as in the PASTIS release, so they are smoother than the 10 m bands.
+    dn = np.empty_like(refl)
+    dn[:, BANDS_10M] = scene.add_noise(r["noise"], refl[:, BANDS_10M], [PASTIS_BAND_IDX[b] for b in BANDS_10M])
+    coarse = scene.add_noise(r["noise"], scene.block_mean(refl[:, BANDS_20M], 2),
+                             [PASTIS_BAND_IDX[b] for b in BANDS_20M])
+    dn[:, BANDS_20M] = scene.upsample_bilinear(coarse, 2)
+    s2 = scene.quantise(dn, np.int16)
 
     s1 = {}
     for sat, sdates in s1_dates.items():
@@ -253,8 +276,7 @@ def simulate_pastis(out_dir, n_patches: int = 8, size: int = 128, seed: int = 0,
     Patch ids: `ids` if given (10000..49999, tile = id // 10000), else `default_ids(n_patches)`.
     Folds 1..5 are assigned round-robin over the sorted ids. Deterministic in (seed, id, size, year).
     """
-    if size < 8:
-        raise UserFacingError(f"--size {size}: PASTIS patches must be at least 8 px wide")
+    check_size(size)
     ids = check_ids(list(ids)) if ids is not None else default_ids(n_patches)
     if not ids:
         raise UserFacingError("nothing to simulate: --patches must be >= 1")

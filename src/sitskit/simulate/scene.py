@@ -80,16 +80,50 @@ def render_reflectance(frac_pix: np.ndarray, moisture: np.ndarray, texture: Text
 _GAUSS_TABLE = ndtri((np.arange(1 << 16, dtype=np.float64) + 0.5) / (1 << 16)).astype(np.float32)
 
 
-def add_noise_and_quantise(rng: np.random.Generator, refl: np.ndarray, band_idx: list[int],
-                           dtype) -> np.ndarray:
-    """Sensor noise, ×10 000 and rounding to integer digital numbers (clipped to 0..32 767)."""
+def add_noise(rng: np.random.Generator, refl: np.ndarray, band_idx: list[int]) -> np.ndarray:
+    """Digital numbers with sensor noise: refl ×10 000 + N(0, sigma_band), float32, same shape."""
     sigma = spectra.NOISE_SIGMA[band_idx].reshape((1, -1) + (1,) * (refl.ndim - 2)) * np.float32(10000)
     dn = _GAUSS_TABLE[rng.integers(0, 1 << 16, size=refl.shape, dtype=np.uint16)]
     dn *= sigma
     dn += refl * np.float32(10000)
+    return dn
+
+
+def quantise(dn: np.ndarray, dtype) -> np.ndarray:
+    """Round to integers clipped to 0..32 767 (int16 range of the files)."""
     np.rint(dn, out=dn)
     np.clip(dn, 0, 32767, out=dn)
     return dn.astype(dtype)
+
+
+def add_noise_and_quantise(rng: np.random.Generator, refl: np.ndarray, band_idx: list[int],
+                           dtype) -> np.ndarray:
+    """Sensor noise, ×10 000 and rounding to integer digital numbers (clipped to 0..32 767)."""
+    return quantise(add_noise(rng, refl, band_idx), dtype)
+
+
+def block_mean(x: np.ndarray, k: int) -> np.ndarray:
+    """[T, C, H, W] -> [T, C, H/k, W/k] mean over k×k blocks (the coarser S2 bands)."""
+    t, c, h, w = x.shape
+    return x.reshape(t, c, h // k, k, w // k, k).mean(axis=(3, 5))
+
+
+def upsample_bilinear(x: np.ndarray, k: int) -> np.ndarray:
+    """[T, C, h, w] -> [T, C, h*k, w*k], bilinear with pixel-centre alignment (edges clamped)."""
+    h, w = x.shape[-2:]
+
+    def axis_weights(n: int):
+        pos = (np.arange(n * k) + 0.5) / k - 0.5  # fine pixel centres in coarse pixel units
+        lo = np.clip(np.floor(pos).astype(int), 0, n - 1)
+        hi = np.clip(lo + 1, 0, n - 1)
+        frac = np.clip(pos - np.floor(pos), 0, 1).astype(np.float32)
+        frac[pos < 0] = 0
+        return lo, hi, frac
+
+    ylo, yhi, fy = axis_weights(h)
+    xlo, xhi, fx = axis_weights(w)
+    rows = x[:, :, ylo] * (1 - fy)[:, None] + x[:, :, yhi] * fy[:, None]  # [T, C, H, w]
+    return rows[..., xlo] * (1 - fx) + rows[..., xhi] * fx
 
 
 def region_fractions(rng: np.random.Generator, classes: RegionClasses, days: np.ndarray,
