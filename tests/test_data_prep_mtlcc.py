@@ -98,7 +98,7 @@ def test_dataset_reads_back_raw_values(source, converted):
 
 # ------------------------------------------------------------------------------------------ validation
 def _first_tile(base: Path) -> Path:
-    return sorted((base / "data16").glob("*.tfrecord.gz"))[0]
+    return min((base / "data16").glob("*.tfrecord.gz"))
 
 
 def _flip_data_byte(path: Path):

@@ -33,7 +33,7 @@ def _cli(args: list[str], kill_after: str | None = None) -> subprocess.Completed
     env.pop(KILL_HOOK_ENV, None)
     if kill_after is not None:
         env[KILL_HOOK_ENV] = kill_after
-    return subprocess.run([sys.executable, "-m", "sitskit.data_prep.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "sitskit.data_prep.cli", *args], env=env, check=False,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -63,3 +63,16 @@ def test_resume_refuses_other_settings(source, tmp_path):
     res = _cli(args + ["--resume", "--compression", "gzip"])
     assert res.returncode == 2 and "different settings" in res.stderr
     assert not out.exists()
+
+
+def test_h5_differences_sees_a_changed_value_and_attribute(reference, tmp_path):
+    import shutil
+    copy = tmp_path / "copy.h5"
+    shutil.copy(reference, copy)
+    assert h5_differences(reference, copy) == []
+    with h5py.File(copy, "r+") as f:
+        key = sorted(f["patches"])[0]
+        f[f"patches/{key}/S2/data"][0, 0, 0, 0] += 1
+        f[f"patches/{key}"].attrs["fold"] = 9
+    assert h5_differences(reference, copy) == [f"patches/{key}: attribute fold differs",
+                                               f"patches/{key}/S2/data: values differ"]

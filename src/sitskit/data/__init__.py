@@ -2,4 +2,4 @@
 from .collate import pad_collate
 from .datasets import MTLCCDataset, PastisDataset, SITSDataset, build_dataset
 
-__all__ = ["build_dataset", "pad_collate", "PastisDataset", "MTLCCDataset", "SITSDataset"]
+__all__ = ["MTLCCDataset", "PastisDataset", "SITSDataset", "build_dataset", "pad_collate"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the zstd filter for reading)
@@ -212,7 +213,7 @@ class PastisDataset(SITSDataset):
 
     dataset_name = "pastis"
     ignore_index_attr = 19
-    background_attr = [0]
+    background_attr: ClassVar[list[int]] = [0]
 
     def _select(self, index, folds, split, years, label_subset):
         if split is not None or years is not None:
@@ -272,7 +273,7 @@ class MTLCCDataset(SITSDataset):
 
     dataset_name = "mtlcc"
     ignore_index_attr = 0
-    background_attr: list[int] = []
+    background_attr: ClassVar[list[int]] = []
 
     def _select(self, index, folds, split, years, label_subset):
         if folds is not None:

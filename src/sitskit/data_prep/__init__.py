@@ -5,4 +5,4 @@
 from .mtlcc import convert_mtlcc
 from .pastis import convert_pastis
 
-__all__ = ["convert_pastis", "convert_mtlcc"]
+__all__ = ["convert_mtlcc", "convert_pastis"]

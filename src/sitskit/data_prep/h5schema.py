@@ -17,6 +17,7 @@ not complete and continues with the patches not yet written.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -40,19 +41,19 @@ KILL_HOOK_ENV = "SITSKIT_TEST_KILL_AFTER"
 
 
 def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         return version("sitskit")
-    except Exception:  # pragma: no cover - running from a bare checkout
+    except PackageNotFoundError:  # running from a bare checkout
         return "unknown"
 
 
 def compression_options(name: str) -> dict:
     """h5py create_dataset keywords: byte-shuffle + zstd (default, via hdf5plugin) or gzip (portable)."""
     if name == "zstd":
-        return dict(shuffle=True, **hdf5plugin.Zstd(clevel=3))
+        return {"shuffle": True, **hdf5plugin.Zstd(clevel=3)}
     if name == "gzip":
-        return dict(shuffle=True, compression="gzip", compression_opts=4)
+        return {"shuffle": True, "compression": "gzip", "compression_opts": 4}
     if name == "none":
         return {}
     raise UserFacingError(f"unknown compression {name!r} (use zstd, gzip or none)")
@@ -215,10 +216,8 @@ class H5Writer:
 
     def abort(self, keep_partial: bool = False) -> None:
         """Close; remove the temp file unless it should stay for --resume (interrupt)."""
-        try:
+        with contextlib.suppress(Exception):  # already closed / broken: the file is dropped anyway
             self.file.close()
-        except Exception:
-            pass
         if not keep_partial:
             self.partial.unlink(missing_ok=True)
 

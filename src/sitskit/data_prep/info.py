@@ -20,10 +20,10 @@ def summarize(path: str | os.PathLike) -> str:
     with open_sits(path) as f:
         a = dict(f.attrs)
         idx = {k: f["index"][k][()] for k in f["index"]}
-    lines = [f"{path}  ({a['dataset']}, sitskit format v{a['format_version']}, "
-             f"{path.stat().st_size / 2**20:.1f} MiB on disk)",
-             f"source: {a.get('source_path', '?')}  converted {a.get('created_utc', '?')} "
-             f"with sitskit {a.get('tool_version', '?')}",
+    lines = [(f"{path}  ({a['dataset']}, sitskit format v{a['format_version']}, "
+              f"{path.stat().st_size / 2**20:.1f} MiB on disk)"),
+             (f"source: {a.get('source_path', '?')}  converted {a.get('created_utc', '?')} "
+              f"with sitskit {a.get('tool_version', '?')}"),
              f"patches: {len(idx['key'])}  size: "
              + ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(Counter(zip(idx['height'], idx['width'])).items()))]
     for field in ("fold", "split", "year"):

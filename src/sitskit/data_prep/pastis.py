@@ -7,6 +7,7 @@ them); we reject such patches instead of guessing.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import re
 from pathlib import Path
@@ -33,7 +34,7 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise PatchError(f"{what}: missing file {path}")
     try:
         return np.load(path, allow_pickle=False)
-    except Exception as exc:  # truncated header/data, pickled object, not an .npy at all
+    except (OSError, ValueError, EOFError) as exc:  # truncated, pickled object, not an .npy at all
         raise PatchError(f"{what}: cannot read {path} (truncated or not a .npy array: {exc})") from None
 
 
@@ -52,7 +53,7 @@ def _parse_dates(raw, what: str, sat: str) -> list[_dt.date]:
         raise PatchError(f"{what}: 'dates-{sat}' in metadata.geojson holds a non-YYYYMMDD date") from None
     if [k for k, _ in items] != list(range(len(items))):
         raise PatchError(f"{what}: 'dates-{sat}' keys are not 0..T-1")
-    for a, b in zip(dates, dates[1:]):
+    for a, b in itertools.pairwise(dates):
         if b <= a:
             kind = "duplicated" if a == b else "unsorted"
             raise PatchError(f"{what}: 'dates-{sat}' in metadata.geojson has {kind} dates ({a} then {b})")
@@ -146,7 +147,7 @@ def _read_norm(root: Path, sat: str) -> dict[str, np.ndarray]:
         folds = sorted(stats, key=lambda k: int(k.split("_")[1]))
         mean = np.array([stats[f]["mean"] for f in folds], dtype=np.float64)
         std = np.array([stats[f]["std"] for f in folds], dtype=np.float64)
-    except Exception as exc:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise UserFacingError(f"{path}: not a {{'Fold_k': {{'mean': [...], 'std': [...]}}}} file ({exc})") from None
     c = SAT_CHANNELS[sat]
     if mean.shape != (len(folds), c) or std.shape != mean.shape:
@@ -173,7 +174,7 @@ def plan_pastis(root: str | Path, sats=("S2",)) -> Plan:
     try:
         meta = json.loads(meta_path.read_text())
         features = meta["features"]
-    except Exception as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise UserFacingError(f"{meta_path}: not a GeoJSON FeatureCollection ({exc})") from None
     crs = C.PASTIS_CRS
     crs_name = (meta.get("crs") or {}).get("properties", {}).get("name", "")
