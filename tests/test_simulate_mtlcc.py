@@ -137,3 +137,14 @@ def test_show_writes_a_png(mtlcc_root, tmp_path, capsys):
     assert data_prep_main(["show", str(mtlcc_root), "--patch", "1", "--year", "2015",
                            "--out", str(tmp_path / "x.png")]) == 2
     assert "2015" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+
+
+def test_explicit_splits(tmp_path):
+    out = tmp_path / "s"
+    assert data_prep_main(["simulate", "--format", "mtlcc", "--out", str(out), "--size", "24", "--year", "2016",
+                           "--ids", "1175,8813", "--test-ids", "1007,920", "--eval-ids", "5"]) == 0
+    root = out / "240"
+    read = {n: (root / "tileids" / f"{n}.tileids").read_text().split() for n in ("train_fold0", "test_fold0", "eval")}
+    assert read == {"train_fold0": ["1175", "8813"], "test_fold0": ["920", "1007"], "eval": ["5"]}
+    assert sorted(p.name for p in (root / "data16").iterdir()) == sorted(
+        f"{i}.tfrecord.gz" for i in (5, 920, 1007, 1175, 8813))

@@ -31,6 +31,10 @@ def register(sub) -> None:
                         "MTLCC: the years to write (default 2016 2017 -> data16, data17)")
     p.add_argument("--ids", type=_int_list, default=None,
                    help="explicit comma-separated patch/tile ids (e.g. 10000,10001,40562); overrides --patches")
+    p.add_argument("--test-ids", type=_int_list, default=None,
+                   help="MTLCC: tiles for tileids/test_fold0.tileids (simulated too; the others go to train)")
+    p.add_argument("--eval-ids", type=_int_list, default=None,
+                   help="MTLCC: tiles for tileids/eval.tileids (simulated too; the others go to train)")
     p.set_defaults(func=run_simulate)
 
     s = sub.add_parser("show", help="plot one patch/tile of a PASTIS or MTLCC directory to a PNG",
@@ -49,6 +53,9 @@ def run_simulate(args) -> int:
     if args.patches is not None and args.patches < 1 and args.ids is None:
         raise UserFacingError(f"--patches {args.patches}: must be >= 1")
     if args.format == "pastis":
+        if args.test_ids is not None or args.eval_ids is not None:
+            raise UserFacingError("--test-ids/--eval-ids are MTLCC split files; PASTIS splits are the Fold "
+                                  "column (assigned round-robin over the sorted ids)")
         if args.year is not None and len(args.year) != 1:
             raise UserFacingError(f"--year {args.year}: PASTIS takes one harvest year")
         year = args.year[0] if args.year else 2019
@@ -58,7 +65,8 @@ def run_simulate(args) -> int:
         if args.with_s1:
             raise UserFacingError("--with-s1: Sentinel-1 exists only for PASTIS (PASTIS-R), not MTLCC")
         out = simulate_mtlcc(args.out, n_tiles=args.patches, size=args.size or 48, seed=args.seed,
-                             years=tuple(args.year) if args.year else (2016, 2017), ids=args.ids)
+                             years=tuple(args.year) if args.year else (2016, 2017), ids=args.ids,
+                             test_ids=args.test_ids, eval_ids=args.eval_ids)
     print(f"wrote {out}")
     return 0
 

@@ -190,19 +190,35 @@ def _write_gzip_record(path: Path, example: dict[str, object]) -> None:
     raw.unlink()
 
 
+def _check_ids(ids, option: str) -> list[int]:
+    ids = [int(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise UserFacingError(f"{option}: duplicate tile ids in {ids}")
+    if any(i < 0 for i in ids):
+        raise UserFacingError(f"{option}: tile ids must be non-negative integers, got {ids}")
+    return ids
+
+
 def simulate_mtlcc(out_dir, n_tiles: int = 8, size: int = 48, seed: int = 0,
-                   years: tuple[int, ...] = (2016, 2017), ids: list[int] | None = None) -> Path:
-    """Write a simulated MTLCC dataset (gzip TFRecords) under `out_dir/<10*size>/`; returns `out_dir`."""
+                   years: tuple[int, ...] = (2016, 2017), ids: list[int] | None = None,
+                   test_ids: list[int] | None = None, eval_ids: list[int] | None = None) -> Path:
+    """Write a simulated MTLCC dataset (gzip TFRecords) under `out_dir/<10*size>/`; returns `out_dir`.
+
+    Tiles: `ids` if given, else 0..n_tiles-1. Splits: by position in the sorted ids (see `split_of`),
+    unless `test_ids` / `eval_ids` are given: then those tiles (simulated too) form test_fold0.tileids /
+    eval.tileids and every other tile is in train_fold0.tileids (e.g. to reproduce a published protocol).
+    """
     check_size(size)
+    explicit = test_ids is not None or eval_ids is not None
+    test_ids = _check_ids(test_ids or [], "--test-ids")
+    eval_ids = _check_ids(eval_ids or [], "--eval-ids")
+    if set(test_ids) & set(eval_ids):
+        raise UserFacingError(f"tiles {sorted(set(test_ids) & set(eval_ids))} are in both --test-ids and --eval-ids")
     if ids is not None:
-        ids = [int(i) for i in ids]
-        if len(set(ids)) != len(ids):
-            raise UserFacingError(f"--ids: duplicate tile ids in {ids}")
-        if any(i < 0 for i in ids):
-            raise UserFacingError(f"--ids: tile ids must be non-negative integers, got {ids}")
-        ids = sorted(ids)
-    else:
+        ids = _check_ids(ids, "--ids")
+    elif not explicit:
         ids = default_tile_ids(n_tiles)
+    ids = sorted(set(ids or []) | set(test_ids) | set(eval_ids))
     if not ids:
         raise UserFacingError("nothing to simulate: --patches must be >= 1")
     years = tuple(int(y) for y in years)
@@ -224,7 +240,11 @@ def simulate_mtlcc(out_dir, n_tiles: int = 8, size: int = 48, seed: int = 0,
         pbar.close()
         splits: dict[str, list[int]] = {"train_fold0": [], "test_fold0": [], "eval": []}
         for k, tid in enumerate(ids):
-            splits[split_of(k)].append(tid)
+            if explicit:
+                name = "test_fold0" if tid in test_ids else "eval" if tid in eval_ids else "train_fold0"
+            else:
+                name = split_of(k)
+            splits[name].append(tid)
         for name, members in splits.items():
             (root / "tileids" / f"{name}.tileids").write_text("".join(f"{t}\n" for t in members))
         (root / "classes.txt").write_text("".join(f"{i}|{name}\n" for i, name in MTLCC_CLASSES.items()))
