@@ -251,3 +251,13 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         simulate_pastis(tmp_path / "out", n_patches=3, size=16)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_upsampling_matches_scipy_bilinear():
+    from scipy import ndimage
+
+    from sitskit.simulate.scene import upsample_bilinear
+
+    x = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
+    expected = np.stack([ndimage.zoom(a, 2, order=1, grid_mode=True, mode="nearest") for a in x])
+    np.testing.assert_allclose(upsample_bilinear(x), expected, atol=1e-6)

@@ -185,7 +185,7 @@ def simulate_pastis_patch(patch_id: int, size: int = 128, seed: int = 0, with_s1
     dn[:, BANDS_10M] = scene.add_noise(r["noise"], refl[:, BANDS_10M], [PASTIS_BAND_IDX[b] for b in BANDS_10M])
     coarse = scene.add_noise(r["noise"], scene.block_mean(refl[:, BANDS_20M], 2),
                              [PASTIS_BAND_IDX[b] for b in BANDS_20M])
-    dn[:, BANDS_20M] = scene.upsample_bilinear(coarse, 2)
+    dn[:, BANDS_20M] = scene.upsample_bilinear(coarse)
     s2 = scene.quantise(dn, np.int16)
 
     s1 = {}
