@@ -27,7 +27,7 @@ from sitskit.formats.tfrecord import write_tfrecord
 from . import atmosphere, scene
 from .output import atomic_output_dir
 from .parcels import FIELD, make_layout
-from .phenology import MTLCC_PROGRAMS, year_climate
+from .phenology import BACKGROUND_PROGRAMS, MTLCC_PROGRAMS, year_climate
 from .spectra import MTLCC_BAND_IDX
 
 NOBS = 46                     # fixed series length T of the records (dataset.ini nobs)
@@ -56,9 +56,10 @@ _ARABLE = np.array([c not in PERMANENT for c in _CLASS_IDS])
 class MtlccTile:
     """One tile and year: record arrays plus ground truth.
 
-    n_obs: real observations (the rest of T is padding); labels [H, W] original class ids; crop_class
-    [H, W] class of every field pixel, unlabelled fields included; cloud_mask [n_obs, H, W] bool;
-    surface [n_obs, 13, H, W] is not kept (memory) — use the arrays.
+    x10/x20/x60 [nobs, h, w, C] int64 and doy/years [nobs] as in the record; n_obs: real observations
+    (the rest is padding); labels [H, W] original class ids (0 = unknown); crop_class [H, W] class of
+    every field pixel, unlabelled fields included; region [H, W] layout region (same in every year);
+    cloud_mask [n_obs, H, W] bool: pixels under cloud, haze or shadow.
     """
 
     id: int
@@ -109,16 +110,19 @@ def check_size(size: int) -> None:
 
 
 def tile_classes(seed: int, tile_id: int, year: int, n_regions: int, cover: np.ndarray) -> np.ndarray:
-    """Crop class per region in `year`: drawn for the first simulated year, then rotated year by year.
+    """Crop class per region in `year`: drawn for the base year (2016), then rotated once per year
+    forwards (later years) or backwards (earlier years, an independent stream).
 
     Permanent crops (meadow, hop, asparagus) stay; arable fields change crop with prob. 1 - ROTATION_KEEP.
     """
-    first = min(MTLCC_YEARS[0], year)
+    base = MTLCC_YEARS[0]
     rng = np.random.default_rng([seed, tile_id, 0xC1A55])
     fields = cover == FIELD
     cls = np.where(fields, rng.choice(_CLASS_IDS, size=n_regions, p=_CLASS_WEIGHTS / _CLASS_WEIGHTS.sum()), 0)
     arable_w = np.where(_ARABLE, _CLASS_WEIGHTS, 0)
-    for _ in range(first, year):
+    if year < base:
+        rng = np.random.default_rng([seed, tile_id, 0xBAC4])
+    for _ in range(abs(year - base)):
         redraw = fields & ~np.isin(cls, list(PERMANENT)) & (rng.random(n_regions) > ROTATION_KEEP)
         new = rng.choice(_CLASS_IDS, size=n_regions, p=arable_w / arable_w.sum())
         cls = np.where(redraw, new, cls)
@@ -135,7 +139,7 @@ def simulate_mtlcc_tile(tile_id: int, year: int, size: int = 48, seed: int = 0,
     layout = make_layout(lay_r["layout"], size, MEAN_FIELD_PX, BACKGROUND_SHARE)
     texture = scene.draw_texture(lay_r["texture"], layout)
     cls = tile_classes(seed, tile_id, year, layout.n_regions, layout.cover)
-    programs = [MTLCC_PROGRAMS[int(c)] if f else scene.BACKGROUND_PROGRAMS[int(cv)]
+    programs = [MTLCC_PROGRAMS[int(c)] if f else BACKGROUND_PROGRAMS[int(cv)]
                 for c, f, cv in zip(cls, layout.cover == FIELD, layout.cover)]
     classes = scene.RegionClasses(cls=cls, programs=programs)
     shift, cloud_factor, rain = year_climate(year)

@@ -81,7 +81,7 @@ def _window(t, start, end, k):
     return _sig((t - start) / k) * (1 - _sig((t - end) / k))
 
 
-def _annual(p: dict[str, np.ndarray], t: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _annual(p: dict[str, np.ndarray], t: np.ndarray) -> dict[str, np.ndarray]:
     """Annual crop [R, T] fractions from per-region parameter arrays `p` (each [R, 1])."""
     emerged = _sig((t - (p["sow"] + 20)) / 6)
     winter = p["winter"] * emerged
@@ -197,7 +197,7 @@ def cover_fractions(programs: list[str], t: np.ndarray, rng: np.random.Generator
             p["regrow"] = (rng.random((n, 1)) < 0.35) * rng.uniform(0.1, 0.35, (n, 1))
             if name == "rapeseed":
                 p["flower_day"] = 108 + common + rng.normal(0, 3, (n, 1))
-            comps = _annual(p, t[None, :], rng)
+            comps = _annual(p, t[None, :])
         else:
             comps = _perennial(name, n, t, rng, common)
         for key, val in comps.items():
