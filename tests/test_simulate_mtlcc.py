@@ -137,6 +137,7 @@ def test_show_writes_a_png(mtlcc_root, tmp_path, capsys):
     assert data_prep_main(["show", str(mtlcc_root), "--patch", "1", "--year", "2015",
                            "--out", str(tmp_path / "x.png")]) == 2
     assert "2015" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert data_prep_main(["show", str(mtlcc_root), "--out", str(tmp_path / "first.png")]) == 0  # first tile
 
 
 def test_explicit_splits(tmp_path):

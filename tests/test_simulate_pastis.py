@@ -234,6 +234,7 @@ def test_show_writes_a_png(pastis_root, tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert data_prep_main(["show", str(pastis_root), "--patch", "12345", "--out", str(tmp_path / "x.png")]) == 2
     assert "--patch 12345" in capsys.readouterr().err
+    assert data_prep_main(["show", str(pastis_root), "--patch", "first", "--out", str(tmp_path / "f.png")]) == 0
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):

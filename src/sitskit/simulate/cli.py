@@ -41,7 +41,8 @@ def register(sub) -> None:
                        description="One figure: RGB at several dates, NDVI curves of a few parcels, semantic "
                                    "labels and instances.")
     s.add_argument("dir", help="dataset root (PASTIS: with metadata.geojson; MTLCC: with 480/ or 240/)")
-    s.add_argument("--patch", type=int, required=True, help="PASTIS ID_PATCH or MTLCC tile id")
+    s.add_argument("--patch", default="first",
+                   help="PASTIS ID_PATCH or MTLCC tile id, or 'first' (default): the smallest id")
     s.add_argument("--out", required=True, help="PNG file to write")
     s.add_argument("--year", type=int, default=None, help="MTLCC: which year to show (default: first)")
     s.set_defaults(func=run_show)
@@ -74,6 +75,12 @@ def run_simulate(args) -> int:
 def run_show(args) -> int:
     from .show import show
 
-    out = show(args.dir, args.patch, args.out, year=args.year)
+    patch = args.patch
+    if patch != "first":
+        try:
+            patch = int(patch)
+        except ValueError:
+            raise UserFacingError(f"--patch {patch!r}: give an integer id or 'first'") from None
+    out = show(args.dir, patch, args.out, year=args.year)
     print(f"wrote {out}")
     return 0

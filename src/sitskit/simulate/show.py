@@ -51,9 +51,11 @@ def _ndvi(nir, red) -> np.ndarray:
     return (nir - red) / np.maximum(nir + red, 1.0)
 
 
-def _load_pastis(root: Path, patch: int) -> View:
+def _load_pastis(root: Path, patch: int | str) -> View:
     meta = json.loads((root / "metadata.geojson").read_text())
     feats = {int(f["properties"]["ID_PATCH"]): f["properties"] for f in meta["features"]}
+    if patch == "first" and feats:
+        patch = min(feats)
     if patch not in feats:
         some = ", ".join(str(i) for i in sorted(feats)[:8])
         raise UserFacingError(f"--patch {patch}: not in {root / 'metadata.geojson'} (ids: {some}, …)")
@@ -85,7 +87,7 @@ def _mtlcc_folder(root: Path) -> Path:
                           f"(dataset.ini in {root}, {root / '480'} or {root / '240'})")
 
 
-def _load_mtlcc(root: Path, tile: int, year: int | None) -> View:
+def _load_mtlcc(root: Path, tile: int | str, year: int | None) -> View:
     from sitskit.formats.mtlcc_record import decode_mtlcc_example
     from sitskit.formats.tfrecord import TFRecordError, read_tfrecord
 
@@ -96,7 +98,14 @@ def _load_mtlcc(root: Path, tile: int, year: int | None) -> View:
     year = years[0] if year is None and years else year
     if year not in years:
         raise UserFacingError(f"--year {year}: {folder / 'dataset.ini'} has years {years}")
-    path = folder / ini[str(year)].get("datadir", f"data{year % 100:02d}") / f"{tile}.tfrecord.gz"
+    datadir = folder / ini[str(year)].get("datadir", f"data{year % 100:02d}")
+    if tile == "first":
+        stems = sorted(int(p.name.split(".")[0]) for p in datadir.glob("*.tfrecord.gz")
+                       if p.name.split(".")[0].isdigit())
+        if not stems:
+            raise UserFacingError(f"{datadir}: no <tileid>.tfrecord.gz files")
+        tile = stems[0]
+    path = datadir / f"{tile}.tfrecord.gz"
     if not path.exists():
         raise UserFacingError(f"--patch {tile}: no tile file {path}")
     try:
@@ -173,14 +182,18 @@ def _figure(v: View, out: Path) -> None:
     plt.close(fig)
 
 
-def show(root, patch: int, out, year: int | None = None) -> Path:
-    """Write the figure of patch/tile `patch` of the dataset at `root` to `out` (PNG); returns `out`."""
+def show(root, patch: int | str, out, year: int | None = None) -> Path:
+    """Write the figure of patch/tile `patch` (an id, or "first") of the dataset at `root` to `out` (PNG).
+
+    Returns `out`. `year` picks the MTLCC series (default: the first section of dataset.ini).
+    """
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise UserFacingError(f"{root}: no such directory")
+    patch = patch if patch == "first" else int(patch)
     if (root / "metadata.geojson").exists():
-        view = _load_pastis(root, int(patch))
+        view = _load_pastis(root, patch)
     else:
-        view = _load_mtlcc(root, int(patch), year)
+        view = _load_mtlcc(root, patch, year)
     _figure(view, out)
     return out
