@@ -173,6 +173,27 @@ def test_phenology_of_key_classes():
     assert median_ndvi(2, 110, 140) > 0.75 and median_ndvi(2, 200, 240) < 0.35  # wheat, harvested in July
 
 
+def test_rapeseed_flowering_and_meadow_mowing():
+    """Rapeseed turns yellow in mid-April (B3 up, NDVI down); meadows show sudden mowing drops."""
+    p = simulate_pastis_patch(10011, size=48, seed=4, class_weights={5: 1.0, 1: 1.0})
+    days = np.array([season_day(d, 2019) for d in p.dates])
+    clear = ~p.cloud_mask.any(axis=(1, 2))
+    s2 = p.s2.astype(float)
+    ndvi = (s2[:, B8] - s2[:, B4]) / (s2[:, B8] + s2[:, B4])
+    rape = p.semantic == 5
+    b3 = np.median(s2[:, PASTIS_BANDS.index("B3")][:, rape], axis=1)
+    flowering = clear & (days >= 100) & (days <= 115)
+    around = clear & (((days >= 70) & (days <= 90)) | ((days >= 125) & (days <= 140)))
+    assert flowering.any() and around.any()
+    assert b3[flowering].mean() > 1.2 * b3[around].mean()
+    assert np.median(ndvi[flowering][:, rape]) < np.median(ndvi[around][:, rape])
+    # mowing: some clear summer date where a meadow parcel loses > 0.15 NDVI against the previous clear date
+    meadow_ids = np.unique(p.region[p.semantic == 1])
+    t = np.flatnonzero(clear & (days >= 120) & (days <= 270))
+    drops = [np.diff(np.array([ndvi[k][p.region == r].mean() for k in t])).min() for r in meadow_ids]
+    assert min(drops) < -0.15
+
+
 def _greenup_doy(tile, cls):
     """Day of year when the median clear-sky NDVI of class `cls` first exceeds 0.5."""
     n = tile.n_obs
