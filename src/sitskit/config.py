@@ -162,7 +162,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def dump_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=False)
 
 
 def _split_argv(argv: list[str], config_flag: str) -> tuple[str | None, list[tuple[str, Any]]]:

@@ -111,7 +111,7 @@ def train_one_epoch(
                 metrics = meter.summary(lr, grad_norm)
                 metrics["example"] = (x[0].detach(), pred[0].detach(), mask[0].detach(),
                                       None if pad_mask is None else pad_mask[0].detach(),
-                                      batch.get("doy", batch["dates"])[0])
+                                      dates[0])
                 if on_step is not None:
                     on_step(metrics)
             if state.step >= total_steps:

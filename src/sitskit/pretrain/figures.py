@@ -57,7 +57,7 @@ def reconstruction_figure(
         ax.plot(x[m], raw[m, b, i, j], "s", mfc="none", mec="k", ms=7, label="masked (hidden)")
         ax.plot(x, rec[:, b, i, j], "--", color="tab:red", lw=1, label="reconstructed")
         ax.set_title(f"pixel {k + 1} ({i},{j}), {bands[b]}")
-        ax.set_xlabel("day" if days is not None else "date index")
+        ax.set_xlabel("days since the reference date" if days is not None else "date index")
         if k == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
