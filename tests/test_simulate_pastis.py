@@ -205,6 +205,8 @@ def test_explicit_ids_and_cli(tmp_path):
     (["--format", "mtlcc", "--with-s1"], "Sentinel-1"),
     (["--format", "mtlcc", "--size", "50"], "multiple of 6"),
     (["--format", "pastis", "--size", "33"], "even"),
+    (["--format", "pastis", "--year", "19"], "four-digit"),
+    (["--format", "mtlcc", "--year", "2016", "2016"], "distinct"),
     (["--format", "pastis", "--patches", "0"], "--patches"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, needle):

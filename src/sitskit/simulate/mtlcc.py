@@ -227,8 +227,10 @@ def simulate_mtlcc(out_dir, n_tiles: int = 8, size: int = 48, seed: int = 0,
         raise UserFacingError("nothing to simulate: --patches must be >= 1")
     years = tuple(int(y) for y in years)
     bad = [y for y in years if not 1000 <= y <= 9999]
-    if bad or not years:
-        raise UserFacingError(f"years {list(years)}: give four-digit years, e.g. 2016 2017")
+    if bad or not years or len(set(years)) != len(years):
+        raise UserFacingError(f"--year {' '.join(map(str, years))}: give distinct four-digit years, e.g. 2016 2017")
+    if len({y % 100 for y in years}) != len(years):
+        raise UserFacingError(f"--year {' '.join(map(str, years))}: years share a folder name data<yy>")
     folder = str(10 * size)
     with atomic_output_dir(out_dir) as tmp:
         root = tmp / folder

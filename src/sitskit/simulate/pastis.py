@@ -277,6 +277,8 @@ def simulate_pastis(out_dir, n_patches: int = 8, size: int = 128, seed: int = 0,
     Folds 1..5 are assigned round-robin over the sorted ids. Deterministic in (seed, id, size, year).
     """
     check_size(size)
+    if not 1000 < year < 10000:
+        raise UserFacingError(f"--year {year}: give the four-digit harvest year (2019 = Sept 2018 - Nov 2019)")
     ids = check_ids(list(ids)) if ids is not None else default_ids(n_patches)
     if not ids:
         raise UserFacingError("nothing to simulate: --patches must be >= 1")
