@@ -18,10 +18,15 @@ def atomic_output_dir(out_dir):
     is removed, so a failed or interrupted run leaves nothing half-written.
     """
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserFacingError(f"--out {out}: is a file; give a directory to create")
+    if out.exists() and any(out.iterdir()):
         raise UserFacingError(f"--out {out}: already exists and is not empty; choose a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise UserFacingError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like mkdir's
