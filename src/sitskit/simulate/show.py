@@ -51,6 +51,13 @@ def _ndvi(nir, red) -> np.ndarray:
     return (nir - red) / np.maximum(nir + red, 1.0)
 
 
+def _npy(path: Path, mmap: bool = False) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError) as exc:
+        raise UserFacingError(f"{path}: cannot read it as a .npy array ({exc})") from None
+
+
 def _load_pastis(root: Path, patch: int | str) -> View:
     meta = json.loads((root / "metadata.geojson").read_text())
     feats = {int(f["properties"]["ID_PATCH"]): f["properties"] for f in meta["features"]}
@@ -63,12 +70,12 @@ def _load_pastis(root: Path, patch: int | str) -> View:
     dates = props["dates-S2"]
     dates = json.loads(dates) if isinstance(dates, str) else dates
     dates = [dt.datetime.strptime(str(dates[k]), "%Y%m%d").date() for k in sorted(dates, key=int)]
-    s2 = np.load(root / "DATA_S2" / f"S2_{patch}.npy", mmap_mode="r")
+    s2 = _npy(root / "DATA_S2" / f"S2_{patch}.npy", mmap=True)
     b = {name: i for i, name in enumerate(PASTIS_BANDS)}
     x = np.asarray(s2)
-    target = np.load(root / "ANNOTATIONS" / f"TARGET_{patch}.npy")
+    target = _npy(root / "ANNOTATIONS" / f"TARGET_{patch}.npy")
     inst_path = root / "INSTANCE_ANNOTATIONS" / f"INSTANCES_{patch}.npy"
-    inst = np.load(inst_path) if inst_path.exists() else np.zeros(target.shape[1:], np.int64)
+    inst = _npy(inst_path) if inst_path.exists() else np.zeros(target.shape[1:], np.int64)
     return View(title=f"PASTIS patch {patch} ({props.get('TILE', '?')}, fold {props.get('Fold', '?')}), "
                       f"{len(dates)} dates",
                 dates=dates, rgb=_rgb(x[:, b["B4"]], x[:, b["B3"]], x[:, b["B2"]]),
@@ -191,9 +198,15 @@ def show(root, patch: int | str, out, year: int | None = None) -> Path:
     if not root.is_dir():
         raise UserFacingError(f"{root}: no such directory")
     patch = patch if patch == "first" else int(patch)
-    if (root / "metadata.geojson").exists():
-        view = _load_pastis(root, patch)
-    else:
-        view = _load_mtlcc(root, patch, year)
-    _figure(view, out)
+    try:
+        if (root / "metadata.geojson").exists():
+            view = _load_pastis(root, patch)
+        else:
+            view = _load_mtlcc(root, patch, year)
+    except (OSError, ValueError, KeyError, IndexError) as exc:  # missing/corrupt file or field
+        raise UserFacingError(f"{root}: cannot read patch {patch} ({type(exc).__name__}: {exc})") from None
+    try:
+        _figure(view, out)
+    except OSError as exc:
+        raise UserFacingError(f"--out {out}: cannot write the figure ({exc.strerror or exc})") from None
     return out
