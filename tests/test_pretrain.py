@@ -220,6 +220,18 @@ def test_two_cpu_processes_shard_data_and_agree_on_weights(tiny_h5, workdir):
         assert torch.equal(w0[key], w1[key]), key
 
 
+def test_paper_loop_one_step_per_crop_with_accumulation(tiny_h5, workdir):
+    """5 patches, batch 2 -> 3 batches; 32x32 in 16x16 crops -> 4 micro-batches each; 2 per step -> 6 steps."""
+    out = launch(workdir, run_args(tiny_h5, "per_crop", "--train.max_steps", "null", "--train.epochs", "1",
+                                   "--data.step_per_crop", "true", "--data.step_crop", "16",
+                                   "--optim.grad_accum", "2", "--mask.strategy", "time"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = workdir / "ckpt" / "per_crop"
+    assert [p.name for p in sorted((run_dir / "state").glob("step_*"))][-1] == "step_00000006"
+    client, run = mlflow_run(workdir, run_dir)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert main(["--data.path", str(tmp_path / "missing.h5")]) == 2
     assert "missing.h5 does not exist" in capsys.readouterr().err
