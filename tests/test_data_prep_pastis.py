@@ -194,3 +194,13 @@ def test_existing_output_needs_force(converted, source, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_bytes() == b"keep me"
     assert cli_main(["pastis", "--root", str(source), "--out", str(out), "--force"]) == 0
     assert h5py.is_hdf5(out)
+
+
+def test_compression_level_is_checked_and_applied(source, tmp_path, capsys):
+    out = tmp_path / "z.h5"
+    assert cli_main(["pastis", "--root", str(source), "--out", str(out), "--compression", "zstd:30"]) == 2
+    assert "level must be an integer in 1..22" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert cli_main(["pastis", "--root", str(source), "--out", str(out), "--compression", "gzip:9"]) == 0
+    with h5py.File(out) as f:
+        d = f["patches/10000/S2/data"]
+        assert (d.compression, d.compression_opts, d.shuffle) == ("gzip", 9, True)

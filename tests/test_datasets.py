@@ -104,6 +104,11 @@ def test_grid_crops_tile_the_patch(h5):
             rebuilt[..., y:y + 16, x:x + 16] = s["image"]
             labels[y:y + 16, x:x + 16] = s["semantic"]
         assert torch.equal(rebuilt, whole["image"]) and torch.equal(labels, whole["semantic"])
+    cells = build_dataset(h5, task="semantic", norm=None, folds=[1], crop=16, crop_cells=[(1, 1), (0, 0)])
+    assert len(cells) == 2 * len(full)
+    assert torch.equal(cells[0]["image"], grid[3]["image"]) and torch.equal(cells[1]["image"], grid[0]["image"])
+    with pytest.raises(UserFacingError, match="outside"):
+        build_dataset(h5, crop=16, crop_cells=[(2, 0)])
 
 
 def _locate(big: torch.Tensor, small: torch.Tensor) -> tuple[int, int]:

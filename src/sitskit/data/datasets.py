@@ -96,6 +96,11 @@ class SITSDataset(Dataset):
         if crop_cells is not None:  # explicit grid cells (row, col) in crop units, e.g. STCLN's 2 crops
             if not self.crop:
                 raise UserFacingError("crop_cells needs crop")
+            outside = [(cy, cx) for cy, cx in crop_cells
+                       if cy < 0 or cx < 0 or (cy + 1) * self.crop > self.height or (cx + 1) * self.crop > self.width]
+            if outside:
+                raise UserFacingError(f"crop_cells {outside} fall outside the {self.height}x{self.width} patches "
+                                      f"for crop {self.crop}")
             self._crops = [(r, (cy * self.crop, cx * self.crop)) for r in rows for cy, cx in crop_cells]
         elif self.crop and crop_mode == "grid":
             grid = transforms.crop_grid(self.height, self.width, self.crop)

@@ -48,15 +48,28 @@ def tool_version() -> str:
         return "unknown"
 
 
-def compression_options(name: str) -> dict:
-    """h5py create_dataset keywords: byte-shuffle + zstd (default, via hdf5plugin) or gzip (portable)."""
-    if name == "zstd":
-        return {"shuffle": True, **hdf5plugin.Zstd(clevel=3)}
-    if name == "gzip":
-        return {"shuffle": True, "compression": "gzip", "compression_opts": 4}
-    if name == "none":
+ZSTD_LEVEL, GZIP_LEVEL = 3, 4
+
+
+def compression_options(spec: str) -> dict:
+    """h5py create_dataset keywords for "zstd[:level]" (byte-shuffle + zstd via hdf5plugin, default level
+    3), "gzip[:level]" (shuffle + gzip, readable without plugins, default 4) or "none"."""
+    name, _, level = spec.partition(":")
+    limits = {"zstd": (1, 22, ZSTD_LEVEL), "gzip": (1, 9, GZIP_LEVEL)}
+    if name == "none" and not level:
         return {}
-    raise UserFacingError(f"unknown compression {name!r} (use zstd, gzip or none)")
+    if name not in limits:
+        raise UserFacingError(f"--compression {spec!r}: use zstd[:1-22], gzip[:1-9] or none")
+    lo, hi, default = limits[name]
+    try:
+        value = int(level) if level else default
+    except ValueError:
+        value = -1
+    if not lo <= value <= hi:
+        raise UserFacingError(f"--compression {spec!r}: {name} level must be an integer in {lo}..{hi}")
+    if name == "zstd":
+        return {"shuffle": True, **hdf5plugin.Zstd(clevel=value)}
+    return {"shuffle": True, "compression": "gzip", "compression_opts": value}
 
 
 class CompressedSeries:
