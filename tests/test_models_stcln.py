@@ -343,3 +343,19 @@ def test_import_reference_checkpoint_is_strict(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserFacingError, match="ckpt.tar"):
         import_reference_encoder(path)
+
+
+def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
+    x, dates = make_input(b=2, t=3)
+    mask = torch.rand(2, 3, 6, 10, generator=torch.Generator().manual_seed(3)) < 0.4
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = build("stcln_pretrain", encoder_kwargs={"grad_checkpointing": flag}).train()
+        torch.manual_seed(1)  # same dropout masks in both runs (checkpointing replays the RNG state)
+        pred = model(x, dates, None, mask)
+        pred.square().mean().backward()
+        results.append((pred.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from sitskit.errors import UserFacingError
-from sitskit.models import build, from_pretrained, list_models, read_pretrained_config, register_model, save_pretrained
+from sitskit.models import (
+    build,
+    from_pretrained,
+    list_models,
+    read_pretrained_config,
+    register_model,
+    save_pretrained,
+)
 
 
 @register_model("_test_tiny")

@@ -4,9 +4,23 @@
     model = build("stcln", in_channels=10, num_classes=20)
     logits = model(x, dates, pad_mask)          # x [B,T,C,H,W] -> [B,K,H,W]
 """
-from sitskit.models.registry import (build, from_pretrained, list_models, load_state_dict_checked,
-                                     read_pretrained_config, register_model, save_pretrained)
-from sitskit.models import ltae, stcln, utae  # noqa: F401,E402  (register the models)
+from sitskit.models import ltae, stcln, utae  # noqa: F401  (importing registers the models)
+from sitskit.models.registry import (
+    build,
+    from_pretrained,
+    list_models,
+    load_state_dict_checked,
+    read_pretrained_config,
+    register_model,
+    save_pretrained,
+)
 
-__all__ = ["build", "from_pretrained", "save_pretrained", "list_models", "register_model",
-           "read_pretrained_config", "load_state_dict_checked"]
+__all__ = [
+    "build",
+    "from_pretrained",
+    "list_models",
+    "load_state_dict_checked",
+    "read_pretrained_config",
+    "register_model",
+    "save_pretrained",
+]

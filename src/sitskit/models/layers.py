@@ -1,7 +1,7 @@
 """Small layers shared by STCLN and U-TAE: positional encoding, masked group norm, per-frame application."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

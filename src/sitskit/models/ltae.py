@@ -15,6 +15,7 @@ attention before dropout (dropout still regularises the L-TAE output itself).
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from einops import rearrange
@@ -80,7 +81,7 @@ class LTAE(nn.Module):
         self.position_encoding = SinusoidalPositionalEncoding(d_model // n_head, pe_period, repeat=n_head)
         self.attention_heads = MasterQueryAttention(n_head, d_k, d_model, attn_dropout)
         layers: list[nn.Module] = []
-        for d_in, d_out in zip(mlp[:-1], mlp[1:]):
+        for d_in, d_out in pairwise(mlp):
             layers += [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.ReLU()]
         self.mlp = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
@@ -89,7 +90,7 @@ class LTAE(nn.Module):
     def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 return_attention: bool = False):
         check_inputs(x, dates, pad_mask, self.in_channels, "ltae")
-        b, t, _, h, w = x.shape
+        b, _, _, h, w = x.shape
         tokens = rearrange(x, "b t c h w -> (b h w) t c")
         seq_pad = None if pad_mask is None else pad_mask.repeat_interleave(h * w, dim=0)  # [(b h w), T]
         reference = self.mode == "reference"

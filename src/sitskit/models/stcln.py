@@ -15,9 +15,14 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from sitskit.models.layers import (SequenceGroupNorm, SinusoidalPositionalEncoding, apply_to_valid_frames,
-                                   check_inputs)
+from sitskit.models.layers import (
+    SequenceGroupNorm,
+    SinusoidalPositionalEncoding,
+    apply_to_valid_frames,
+    check_inputs,
+)
 from sitskit.models.registry import build, register_model
 from sitskit.models.sta_head import STAHead
 
@@ -56,8 +61,10 @@ class PixelTransformer(nn.Module):
     """
 
     def __init__(self, d_model: int = 256, n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3,
-                 dropout: float = 0.1, norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0):
+                 dropout: float = 0.1, norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         if d_model % pe_dim:
             raise ValueError(f"d_model={d_model} must be a multiple of pe_dim={pe_dim}")
         self.in_norm = SequenceGroupNorm(norm_groups, d_model)
@@ -74,7 +81,11 @@ class PixelTransformer(nn.Module):
         x = self.in_norm(tokens.reshape(b * n, t, d), seq_pad)
         x = (x.view(b, n, t, d) + self.position_encoding(positions)[:, None]).view(b * n, t, d)
         for layer in self.layer_stack:
-            x = layer(x, src_key_padding_mask=seq_pad)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # recompute the layer in backward (same dropout masks: the RNG state is replayed)
+                x = checkpoint(layer, x, src_key_padding_mask=seq_pad, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=seq_pad)
         return x.view(b, n, t, d)
 
 
@@ -85,11 +96,13 @@ class STCLNEncoder(nn.Module):
     forward(x [B,T,C,H,W], dates [B,T] int64 day offsets, pad_mask [B,T] bool (True = padded) | None)
       -> (feats [B,T,D,H,W] Transformer output, cnn_feats [B,T,D,H,W] CNN features); padded dates are 0.
     positions="dates" encodes the day offsets (default); "index" encodes 0..T-1 like the paper's code.
+    grad_checkpointing=True recomputes each Transformer layer in backward: same results, far less
+    activation memory (the FFN activations of every pixel-date dominate training memory).
     """
 
     def __init__(self, in_channels: int = 10, positions: str = "dates", widths: tuple[int, int] = (32, 256),
                  n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3, dropout: float = 0.1,
-                 norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0):
+                 norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0, grad_checkpointing: bool = False):
         super().__init__()
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
@@ -98,7 +111,7 @@ class STCLNEncoder(nn.Module):
         self.inc = DoubleConv(in_channels, widths[0])
         self.down1 = DoubleConv(widths[0], widths[1])
         self.temporal_encoder = PixelTransformer(widths[1], n_head, d_ffn, n_layers, dropout, norm_groups,
-                                                 pe_dim, pe_period)
+                                                 pe_dim, pe_period, grad_checkpointing)
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor,
                 pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

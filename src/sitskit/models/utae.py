@@ -14,6 +14,8 @@ forward pass).
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -44,7 +46,7 @@ class ConvLayer(nn.Module):
                  last_relu: bool = True, padding_mode: str = "reflect"):
         super().__init__()
         layers: list[nn.Module] = []
-        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (c_in, c_out) in enumerate(pairwise(widths)):
             layers += [nn.Conv2d(c_in, c_out, k, s, p, padding_mode=padding_mode), make_norm(norm, c_out)]
             if last_relu or i < len(widths) - 2:
                 layers.append(nn.ReLU())
