@@ -37,12 +37,17 @@ def _cli(args: list[str], kill_after: str | None = None) -> subprocess.Completed
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("kill_after", ["2", "3.5"])  # between patches / halfway through the 4th patch
-def test_resume_after_sigkill_gives_an_identical_file(kill_after, source, reference, tmp_path):
+# SIGKILL between patches / halfway through the 4th patch; Ctrl-C (SIGINT) after 2 patches
+@pytest.mark.parametrize("kill_after", ["2", "3.5", "2:INT"])
+def test_resume_after_an_interrupt_gives_an_identical_file(kill_after, source, reference, tmp_path):
     out = tmp_path / "out.h5"
     args = ["pastis", "--root", str(source), "--out", str(out), "--sats", "S2", "S1A", "--workers", "2"]
     killed = _cli(args, kill_after)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if kill_after.endswith("INT"):
+        assert killed.returncode == 130 and "--resume" in killed.stderr + killed.stdout, killed.stderr
+        kill_after = kill_after.split(":")[0]
+    else:
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not out.exists()  # nothing that looks complete
     partial = tmp_path / "out.h5.partial"
     with h5py.File(partial, "r") as f:
@@ -71,7 +76,7 @@ def test_h5_differences_sees_a_changed_value_and_attribute(reference, tmp_path):
     shutil.copy(reference, copy)
     assert h5_differences(reference, copy) == []
     with h5py.File(copy, "r+") as f:
-        key = sorted(f["patches"])[0]
+        key = min(f["patches"])
         f[f"patches/{key}/S2/data"][0, 0, 0, 0] += 1
         f[f"patches/{key}"].attrs["fold"] = 9
     assert h5_differences(reference, copy) == [f"patches/{key}: attribute fold differs",

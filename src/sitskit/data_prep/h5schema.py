@@ -36,7 +36,7 @@ PARTIAL_SUFFIX = ".partial"
 # Attributes that legitimately differ between two conversions of the same source (excluded from identity).
 PROVENANCE_TIME_ATTRS = ("created_utc",)
 # Test hook: SIGKILL ourselves after this many committed patches ("2") or in the middle of the next one
-# ("2.5"), to prove that --resume reproduces an uninterrupted conversion.
+# ("2.5"), to prove that --resume reproduces an uninterrupted conversion; "2:INT" sends SIGINT (Ctrl-C).
 KILL_HOOK_ENV = "SITSKIT_TEST_KILL_AFTER"
 
 
@@ -134,8 +134,9 @@ class H5Writer:
             self.file.attrs["complete"] = 0
         self.patches = self.file.require_group("patches")
         self._committed = 0
-        hook = os.environ.get(KILL_HOOK_ENV)
+        hook, _, sig = os.environ.get(KILL_HOOK_ENV, "").partition(":")
         self._kill_after = float(hook) if hook else None
+        self._kill_signal = getattr(signal, f"SIG{sig or 'KILL'}")
 
     def _reopen(self) -> h5py.File:
         try:
@@ -208,7 +209,8 @@ class H5Writer:
         if (not half and not frac and self._committed == whole) or (half and frac and self._committed == whole):
             if half:  # leave a genuinely half-written patch group behind
                 self.file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill_after = None  # once (SIGINT is survivable)
+            os.kill(os.getpid(), self._kill_signal)
 
     def finalize(self, index: dict[str, np.ndarray], provenance: dict) -> Path:
         """Write the index, mark complete, close and rename <out>.partial -> <out>."""

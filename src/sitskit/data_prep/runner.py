@@ -43,11 +43,13 @@ class Plan:
     index_fields: tuple[str, ...] = ()  # patch attrs copied into /index
 
 
-def _die_with_parent() -> None:
-    """Pool initializer: on Linux, get SIGKILLed when the converting process dies (no orphan readers)."""
+def _init_reader() -> None:
+    """Pool initializer. Ctrl-C is handled by the main process alone (it keeps the partial file for
+    --resume and shuts the pool down); on Linux a reader is SIGKILLed when the main process dies."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
-        import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
@@ -69,7 +71,7 @@ def _results(plan: Plan, todo: list[tuple[str, object]], workers: int, compressi
         for key, args in todo:
             yield key, _safe_read(plan.read, key, args)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_reader) as pool:
         pending: deque = deque()
         it = iter(todo)
         for key, args in it:
