@@ -271,3 +271,21 @@ def test_dataloader_workers_see_the_same_samples(h5):
     two = list(DataLoader(ds, batch_size=3, collate_fn=pad_collate, num_workers=2))
     for a, b in zip(one, two):
         assert a["id"] == b["id"] and torch.equal(a["image"], b["image"]) and torch.equal(a["dates"], b["dates"])
+
+
+def test_bad_files_and_arguments_are_clear_errors(h5, tmp_path):
+    with pytest.raises(UserFacingError, match="no such file"):
+        build_dataset(tmp_path / "missing.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(UserFacingError, match="not a readable HDF5 file"):
+        build_dataset(tmp_path / "junk.h5")
+    with pytest.raises(UserFacingError, match="PASTIS folds are 1..5"):
+        build_dataset(h5, folds=[6])
+    with pytest.raises(UserFacingError, match="use folds"):
+        build_dataset(h5, split="train")
+    with pytest.raises(UserFacingError, match="no S1D series"):
+        build_dataset(h5, sat="S1D")
+    with pytest.raises(UserFacingError, match="larger than"):
+        build_dataset(h5, crop=64)
+    with pytest.raises(UserFacingError, match="norm"):
+        build_dataset(h5, norm="imagenet")
