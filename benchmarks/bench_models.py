@@ -30,6 +30,8 @@ CASES = [
     ("utae fwd+bwd 128²", "utae", {}, (2, 30, 10, 128, 128), "fwdbwd", 1, 1),
     ("utae reference-mode fwd 128²", "utae", {"mode": "reference"}, (2, 30, 10, 128, 128), "fwd", 1, 0),
     ("stcln_pretrain fwd+bwd 32² (pre-training crop)", "stcln_pretrain", {}, (4, 30, 10, 32, 32), "fwdbwd", 1, 0),
+    ("stcln_pretrain fwd+bwd 32², grad_checkpointing", "stcln_pretrain",
+     {"encoder_kwargs": {"grad_checkpointing": True}}, (4, 30, 10, 32, 32), "fwdbwd", 1, 0),
     ("stcln fwd+bwd 32² (fine-tuning crop)", "stcln", {}, (2, 30, 10, 32, 32), "fwdbwd", 1, 0),
     ("stcln fwd 128² (test patch)", "stcln", {}, (1, 30, 10, 128, 128), "fwd", 1, 0),
     ("STA head chunked 128² T=4", "sta_head", {"chunk_size": 1024}, (1, 4, 256, 128, 128), "fwd", 1, 0),
@@ -150,7 +152,8 @@ def main(argv=None) -> int:
         spec = {"model": model, "kwargs": kwargs, "shape": QUICK_SHAPES[model] if args.quick else shape,
                 "pass": pass_, "repeats": 1 if args.quick else repeats, "warmup": 0 if args.quick else warmup,
                 "device": args.device, "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile}
-        proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True,
+                              text=True, check=False)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1]
             rows.append((name, spec, None, f"failed: {tail} (exit {proc.returncode})"))
