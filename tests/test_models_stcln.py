@@ -359,3 +359,32 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=0)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+_STA_MEMORY_PROBE = """
+import resource, sys, torch
+from sitskit.models.sta_head import STAHead
+torch.manual_seed(0)
+head = STAHead(256, 20, chunk_size=int(sys.argv[1])).eval()
+feats, cnn = torch.randn(1, 2, 256, 128, 128), torch.randn(1, 2, 256, 128, 128)
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+with torch.no_grad():
+    out = head(feats, cnn)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+"""
+
+
+@pytest.mark.slow
+def test_sta_head_memory_on_a_full_patch_stays_far_below_the_n_by_n_matrix():
+    """128x128 patch (N = 16,384): N x N float32 scores alone are 1 GiB, plus 1 GiB for their softmax.
+
+    Measured as the peak-RSS increase of a fresh subprocess during one forward call.
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _STA_MEMORY_PROBE, "1024"], capture_output=True, text=True,
+                          check=True)
+    increase_mib = float(proc.stdout.strip().splitlines()[-1])
+    assert increase_mib < 512, increase_mib

@@ -47,6 +47,7 @@ class SequenceGroupNorm(nn.GroupNorm):
             return F.group_norm(x.transpose(1, 2), self.num_groups, self.weight, self.bias, self.eps).transpose(1, 2)
         n, t, c = x.shape
         g = self.num_groups
+        x = x.float()  # statistics in float32, as autocast does for F.group_norm
         valid = (~pad_mask).to(x.dtype)[:, :, None, None]  # [N, T, 1, 1]
         xg = x.reshape(n, t, g, c // g)
         count = valid.sum(dim=1, keepdim=True).clamp_min(1.0) * (c // g)  # [N, 1, 1, 1]
