@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -25,7 +25,6 @@ class TrainState:
     epoch: int = 0  # current epoch
     batch: int = 0  # batches of the current epoch done
     mlflow_run_id: str = ""
-    extra: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "micro": self.micro, "epoch": self.epoch, "batch": self.batch,

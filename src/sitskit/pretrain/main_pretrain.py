@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
+        print("interrupted without saving", file=sys.stderr)
+        return 130
 
 
 def validate(cfg: dict) -> None:
@@ -281,8 +284,16 @@ class Pretrainer:
         from sitskit import tracking
 
         resumed = bool(self.state.mlflow_run_id)
-        self.mlflow_run = tracking.start_run(self.cfg["run"]["experiment"], self.run_dir.name,
-                                             run_id=self.state.mlflow_run_id or None)
+        try:
+            self.mlflow_run = tracking.start_run(self.cfg["run"]["experiment"], self.run_dir.name,
+                                                 run_id=self.state.mlflow_run_id or None)
+        except Exception as exc:  # e.g. resuming against another tracking store
+            if not resumed:
+                raise
+            self.accelerator.print(f"warning: cannot continue MLflow run {self.state.mlflow_run_id} "
+                                   f"({type(exc).__name__}: {exc}); starting a new one")
+            resumed = False
+            self.mlflow_run = tracking.start_run(self.cfg["run"]["experiment"], self.run_dir.name)
         self.state.mlflow_run_id = self.mlflow_run.info.run_id
         if not resumed:
             tracking.log_config(self.cfg)
