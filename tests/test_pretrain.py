@@ -181,7 +181,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(reference_run, tiny_h5, wo
     run_dir = workdir / "ckpt" / "killed"
     assert [p.name for p in sorted((run_dir / "state").glob("step_*"))] == ["step_00000004", "step_00000008"]
     assert not (run_dir / "encoder").exists()
-    resumed = launch(workdir, run_args(tiny_h5, "killed", "--run.resume", "true"))
+    resumed = launch(workdir, run_args(tiny_h5, "killed", "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     expected, got = final_weights(reference_run), final_weights(run_dir)

@@ -99,6 +99,7 @@ _CHOICES = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 2 bad input, 130 interrupted)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv = ["--run.resume" if a == "--resume" else a for a in argv]  # short form of --run.resume true
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip() + "\n\nOptions (defaults):\n" + dump_yaml(DEFAULTS))
         return 0
@@ -373,7 +374,7 @@ class Pretrainer:
         acc.wait_for_everyone()
         acc.end_training()
         where = f"{self.run_dir}/encoder"
-        acc.print(("interrupted; state saved, resume with --run.resume true --output.name " + self.run_dir.name)
+        acc.print(("interrupted; state saved, resume with --resume --output.name " + self.run_dir.name)
                   if exit_code else f"done: encoder exported to {where}")
         return exit_code
 
