@@ -5,8 +5,13 @@ import torch
 
 from sitskit.constants import PASTIS_BANDS
 from sitskit.pretrain.engine_pretrain import grid_crops, masked_mse
-from sitskit.pretrain.masking import (MaskGenerator, random_masking, step_generator, step_seed,
-                                      vegetation_eligibility)
+from sitskit.pretrain.masking import (
+    MaskGenerator,
+    random_masking,
+    step_generator,
+    step_seed,
+    vegetation_eligibility,
+)
 
 B, T, H, W = 3, 12, 8, 8
 
@@ -64,7 +69,7 @@ def test_bernoulli_sampling_matches_the_ratio_on_average():
 
 
 def test_mask_is_a_function_of_seed_step_and_rank():
-    draw = lambda *k: random_masking((B, T, H, W), 0.4, generator=step_generator(*k))  # noqa: E731
+    draw = lambda *k: random_masking((B, T, H, W), 0.4, generator=step_generator(*k))
     assert torch.equal(draw(0, 5, 0), draw(0, 5, 0))
     assert not torch.equal(draw(0, 5, 0), draw(0, 6, 0))
     assert not torch.equal(draw(0, 5, 0), draw(0, 5, 1))
@@ -80,7 +85,7 @@ def _standardised_scene(ndvi_per_date, veg_share=1.0, seed=0):
     raw = rng.uniform(500, 1500, (1, t, 10, H, W)).astype(np.float32)
     red = rng.uniform(550, 650, (t, H, W)).astype(np.float32)
     v = np.array(ndvi_per_date, np.float32)[:, None, None] * np.ones((t, H, W), np.float32)
-    n_veg = int(round(veg_share * H * W))
+    n_veg = round(veg_share * H * W)
     v.reshape(t, -1)[:, n_veg:] = 0.05
     raw[0, :, 2] = red
     raw[0, :, 6] = red * (1 + v) / (1 - v)  # NDVI(red, nir) == v

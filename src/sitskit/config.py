@@ -104,9 +104,9 @@ def coerce(value: Any, default: Any, key: str, source: str = "config") -> Any:
     def fail(expected: str):
         raise UserFacingError(f"{source}: '{key}' expects {expected}, got {value!r}")
 
-    if isinstance(value, str) and not isinstance(default, str) and default is not None:
-        if value.strip().lower() in _NONE:
-            return None
+    if (isinstance(value, str) and not isinstance(default, str) and default is not None
+            and value.strip().lower() in _NONE):
+        return None
     if value is None:
         return None
     if default is None:

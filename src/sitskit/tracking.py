@@ -120,7 +120,7 @@ def _param_value(value: Any) -> str:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+        out = subprocess.run(["git", *args], check=False, capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -2,7 +2,7 @@
 for each marked pixel its series (observed, masked dates, reconstruction) in one band."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ def reconstruction_figure(
 
     image, pred = image.detach().float().cpu(), pred.detach().float().cpu()
     mask = mask.detach().cpu().bool()
-    T, C, H, W = image.shape
+    T, C, _, W = image.shape
     bands = list(band_names) if band_names else [f"ch{i}" for i in range(C)]
     mean = np.zeros(C, np.float32) if norm_mean is None else np.asarray(norm_mean, np.float32)
     std = np.ones(C, np.float32) if norm_std is None else np.asarray(norm_std, np.float32)

@@ -7,7 +7,6 @@ Sets up data, model, optimiser, schedule, Accelerate, MLflow and checkpoints, th
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -254,8 +253,8 @@ class Pretrainer:
         from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
         o = self.cfg["optim"]
-        warmup = dict(warmup_t=o["warmup_steps"], warmup_lr_init=0.0 if o["warmup_steps"] else o["lr"],
-                      t_in_epochs=False)
+        warmup = {"warmup_t": o["warmup_steps"], "warmup_lr_init": 0.0 if o["warmup_steps"] else o["lr"],
+                  "t_in_epochs": False}
         if o["schedule"] == "cosine":
             sched = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=o["min_lr"], **warmup)
         else:  # a step schedule that never decays = constant after warmup

@@ -15,7 +15,7 @@ with probability `ratio`, as the reference's `F.dropout` does.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
