@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from sitskit.viz import true_color
+
 
 def reconstruction_figure(
     image: torch.Tensor,
@@ -65,8 +67,7 @@ def reconstruction_figure(
 
 
 def _rgb(frame: np.ndarray, bands: list[str]) -> np.ndarray:
-    """frame: [C, H, W] reflectance. 2–98 % stretched RGB [H, W, 3] in [0, 1]."""
-    idx = [bands.index(b) if b in bands else min(i, len(bands) - 1) for i, b in enumerate(("B4", "B3", "B2"))]
-    rgb = np.moveaxis(frame[idx], 0, -1).astype(np.float32)
-    lo, hi = np.percentile(rgb, 2), np.percentile(rgb, 98)
-    return np.clip((rgb - lo) / max(hi - lo, 1e-6), 0, 1)
+    """frame: [C, H, W] reflectance (DN). True-colour RGB [H, W, 3] in [0, 1]."""
+    if not all(b in bands for b in ("B4", "B3", "B2")):
+        return np.repeat(frame[:1].transpose(1, 2, 0) / max(float(np.abs(frame[0]).max()), 1e-6), 3, -1)
+    return true_color(*(frame[bands.index(b)] for b in ("B4", "B3", "B2")))

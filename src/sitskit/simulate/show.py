@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from sitskit.constants import MTLCC_CLASSES, MTLCC_ORIGINAL_IDS, PASTIS_BANDS, PASTIS_CLASSES, PASTIS_COLORS
 from sitskit.errors import UserFacingError
+from sitskit.viz import true_color
 
 
 @dataclass
@@ -39,11 +40,6 @@ class View:
     instances: np.ndarray  # [H, W] int, 0 = none
     instance_title: str
     ignore: set[int]       # label indices not used for NDVI curves (background, void, unknown)
-
-
-def _rgb(r, g, b) -> np.ndarray:
-    rgb = np.stack([r, g, b], -1).astype(np.float32) / 3000.0
-    return np.clip(rgb, 0, 1) ** (1 / 1.4)
 
 
 def _ndvi(nir, red) -> np.ndarray:
@@ -78,7 +74,7 @@ def _load_pastis(root: Path, patch: int | str) -> View:
     inst = _npy(inst_path) if inst_path.exists() else np.zeros(target.shape[1:], np.int64)
     return View(title=f"PASTIS patch {patch} ({props.get('TILE', '?')}, fold {props.get('Fold', '?')}), "
                       f"{len(dates)} dates",
-                dates=dates, rgb=_rgb(x[:, b["B4"]], x[:, b["B3"]], x[:, b["B2"]]),
+                dates=dates, rgb=true_color(x[:, b["B4"]], x[:, b["B3"]], x[:, b["B2"]]),
                 ndvi=_ndvi(x[:, b["B8"]], x[:, b["B4"]]), labels=target[0].astype(np.int64),
                 names=PASTIS_CLASSES, colors=np.array(PASTIS_COLORS) / 255.0, instances=inst,
                 instance_title="instances (INSTANCES)", ignore={0, 19})
@@ -135,7 +131,7 @@ def _load_mtlcc(root: Path, tile: int | str, year: int | None) -> View:
     cmap = plt.get_cmap("tab20")
     colors = np.array([(0.0, 0.0, 0.0)] + [cmap(i % 20)[:3] for i in range(len(MTLCC_ORIGINAL_IDS) - 1)])
     return View(title=f"MTLCC tile {tile}, {year} ({len(dates)} observations, L1C TOA)", dates=dates,
-                rgb=_rgb(x10[..., 0], x10[..., 1], x10[..., 2]), ndvi=_ndvi(x10[..., 3], x10[..., 0]),
+                rgb=true_color(x10[..., 0], x10[..., 1], x10[..., 2]), ndvi=_ndvi(x10[..., 3], x10[..., 0]),
                 labels=labels, names=[MTLCC_CLASSES[i] for i in MTLCC_ORIGINAL_IDS], colors=colors,
                 instances=regions, instance_title="fields (connected label regions)", ignore={0})
 
