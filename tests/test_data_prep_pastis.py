@@ -199,8 +199,15 @@ def test_existing_output_needs_force(converted, source, tmp_path, capsys):
 def test_compression_level_is_checked_and_applied(source, tmp_path, capsys):
     out = tmp_path / "z.h5"
     assert cli_main(["pastis", "--root", str(source), "--out", str(out), "--compression", "zstd:30"]) == 2
-    assert "level must be an integer in 1..22" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert "level must be an integer in 1..9" in capsys.readouterr().err and not list(tmp_path.iterdir())
     assert cli_main(["pastis", "--root", str(source), "--out", str(out), "--compression", "gzip:9"]) == 0
     with h5py.File(out) as f:
         d = f["patches/10000/S2/data"]
         assert (d.compression, d.compression_opts, d.shuffle) == ("gzip", 9, True)
+    zout = tmp_path / "zstd.h5"
+    assert cli_main(["pastis", "--root", str(source), "--out", str(zout), "--compression", "zstd:7"]) == 0
+    with h5py.File(zout) as f:
+        filters = f["patches/10000/S2/data"]._filters
+        expected = hdf5plugin.Blosc(cname="zstd", clevel=7, shuffle=hdf5plugin.Blosc.SHUFFLE)
+        # the last three Blosc options are clevel, shuffle, codec (the first four are set by the filter)
+        assert tuple(filters[str(hdf5plugin.BLOSC_ID)][4:]) == tuple(expected["compression_opts"][4:])
