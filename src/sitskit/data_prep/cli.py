@@ -6,6 +6,7 @@ fails on bad input raises `UserFacingError`: one line on stderr, exit code 2, no
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sitskit.errors import UserFacingError
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `data_prep.py info f.h5 | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return int(result or 0)
 
 
