@@ -221,3 +221,40 @@ def test_years_are_a_domain_shift():
 def test_pastis_year_moves_the_calendar():
     p = simulate_pastis_patch(30002, size=16, seed=1, year=2021)
     assert p.dates[0] >= dt.date(2020, 9, 1) and p.dates[-1] <= dt.date(2021, 11, 30)
+
+
+def test_stcln_vegetation_gate_on_mtlcc():
+    """STCLN masks a date only when > 90 % of the 48×48 tile has NDVI > 0.2 (L1C x10 B8/B4). On a mostly
+    agricultural Bavarian tile that holds on a good part of the growing season and rarely otherwise.
+
+    Expected range (justification): in June–July every crop has a closed canopy or ripening straw (L1C NDVI
+    ≳ 0.25) and meadows, hedges and woods are green, so most cloud-free dates pass; in April–May a tile
+    fails whenever spring crops still on bare soil (L1C NDVI ≈ 0.1–0.18; maize alone is ~18 % of the
+    fields) or a village cover more than 10 % of it; in August–September it depends on how much stubble,
+    straw mulch and catch crop the cereal fields carry. So roughly 40–75 % of the cloud-free April–September
+    dates, > 65 % in June–July, few winter dates (spring-crop fields bare) and no date with a quarter of the
+    tile under cloud. Before the post-harvest residue / catch-crop mulch / background mix fix: 32–34 %
+    (docs/simulator.md).
+    """
+    torch = pytest.importorskip("torch")
+    from sitskit.pretrain.masking import vegetation_eligibility
+
+    rows = []
+    for tid in range(20):
+        for year in (2016, 2017):
+            t = simulate_mtlcc_tile(tid, year, size=48, seed=1)
+            x = torch.from_numpy(t.x10[None].transpose(0, 1, 4, 2, 3) * 1e-4)  # [1, T, 4, H, W], reflectance
+            ok = vegetation_eligibility(x, 0, 3)[0].numpy()  # B4 = ch0, B8 = ch3, as in STCLN
+            assert not ok[t.n_obs:].any(), "padded dates are never eligible"
+            n = t.n_obs
+            month = np.array([(dt.date(year, 1, 1) + dt.timedelta(days=int(d) - 1)).month for d in t.doy[:n]])
+            rows.append(np.stack([month, t.cloud_mask.mean(axis=(1, 2)), ok[:n]], axis=1))
+    month, cloud, ok = np.concatenate(rows).T
+    ok = ok.astype(bool)
+    clear = cloud == 0
+    growing = clear & (month >= 4) & (month <= 9)
+    assert growing.sum() > 300
+    assert 0.40 <= ok[growing].mean() <= 0.75, ok[growing].mean()
+    assert ok[clear & np.isin(month, [6, 7])].mean() > 0.65
+    assert ok[clear & np.isin(month, [11, 12, 1, 2])].mean() < 0.2
+    assert ok[cloud > 0.25].mean() < 0.03

@@ -33,6 +33,9 @@ from .spectra import MTLCC_BAND_IDX
 NOBS = 46                     # fixed series length T of the records (dataset.ini nobs)
 MEAN_FIELD_PX = 120           # ~1.2 ha fields (Bavaria)
 BACKGROUND_SHARE = 0.12
+# Non-field cells: Bavarian woods are mostly spruce/pine; villages and farmsteads; little open water in the
+# agricultural Tertiary hills north of Munich (PASTIS default: forest .4, conifer .15, urban .3, water .15).
+BACKGROUND_PROBS = (0.3, 0.4, 0.25, 0.05)   # forest, conifer, urban, water
 UNLABELLED_SHARE = 0.08       # fields without a label (class "unknown" = 0)
 P_CLOUDY = 0.45               # L1C series are not cloud-filtered: more and larger clouds than PASTIS
 MAX_CLOUD_COVER = 1.0
@@ -136,7 +139,7 @@ def simulate_mtlcc_tile(tile_id: int, year: int, size: int = 48, seed: int = 0,
     check_size(size)
     lay_r = _rngs(seed, tile_id, None)
     r = _rngs(seed, tile_id, year)
-    layout = make_layout(lay_r["layout"], size, MEAN_FIELD_PX, BACKGROUND_SHARE)
+    layout = make_layout(lay_r["layout"], size, MEAN_FIELD_PX, BACKGROUND_SHARE, BACKGROUND_PROBS)
     texture = scene.draw_texture(lay_r["texture"], layout)
     cls = tile_classes(seed, tile_id, year, layout.n_regions, layout.cover)
     programs = [MTLCC_PROGRAMS[int(c)] if f else BACKGROUND_PROGRAMS[int(cv)]

@@ -47,11 +47,15 @@ class Layout:
 
 
 def make_layout(rng: np.random.Generator, size: int, mean_field_px: float,
-                background_share: float = 0.1) -> Layout:
+                background_share: float = 0.1, background_probs: np.ndarray | None = None) -> Layout:
     """Tessellate a `size`x`size` patch into fields of about `mean_field_px` pixels.
 
     background_share: fraction of cells that are forest/urban/water instead of fields.
+    background_probs: shares of forest, conifer, urban, water among them (default BACKGROUND_TYPE_PROBS).
     """
+    probs = BACKGROUND_TYPE_PROBS
+    if background_probs is not None:
+        probs = np.asarray(background_probs, float) / np.sum(background_probs)
     cell = float(np.sqrt(mean_field_px))
     margin = int(np.ceil(2 * cell))
     full = size + 2 * margin
@@ -82,7 +86,7 @@ def make_layout(rng: np.random.Generator, size: int, mean_field_px: float,
     n = len(uniq) + 1
     cover = np.full(n, FIELD, dtype=np.int64)
     is_bg = rng.random(n) < background_share
-    cover[is_bg] = rng.choice(BACKGROUND_TYPES, size=int(is_bg.sum()), p=BACKGROUND_TYPE_PROBS)
+    cover[is_bg] = rng.choice(BACKGROUND_TYPES, size=int(is_bg.sum()), p=probs)
     cover[0] = BORDER
     # 1-px borders where the right or lower neighbour belongs to another cell, except between two
     # background cells of the same type (a forest cut by the tessellation is still one forest).

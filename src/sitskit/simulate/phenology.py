@@ -91,14 +91,18 @@ def _annual(p: dict[str, np.ndarray], t: np.ndarray) -> dict[str, np.ndarray]:
     before = t < p["harvest"]
     green = canopy * (1 - sen) * before
     senescent = np.maximum(canopy, p["peak"]) * sen * 0.9 * before
-    # Before sowing: stubble of the previous crop or a catch crop; after harvest: stubble + regrowth.
+    # Before sowing: stubble of the previous crop or a catch crop, which is killed by frost (or sprayed)
+    # around late November and lies on the field as mulch until the spring crop is sown into it.
     prev = t < p["sow"]
-    green = green + prev * p["catch"] * _sig((t + 140) / 10) * (1 - _sig((t + 40) / 8))
-    senescent = senescent + prev * 0.12
+    catch_alive = _sig((t + 140) / 10) * (1 - _sig((t + 40) / 8))
+    green = green + prev * p["catch"] * catch_alive
+    senescent = senescent + prev * (0.12 + 1.2 * p["catch"] * _sig((t + 40) / 8))
+    # After harvest: chopped straw and stubble (residue cover 45-80 %, worked into the soil by stubble
+    # tillage over ~5 weeks), then volunteers or a sown catch crop on part of the fields.
     after = ~before
-    regrow = p["regrow"] * _sig((t - p["harvest"] - 35) / 10)
+    regrow = p["regrow"] * _sig((t - p["harvest"] - 30) / 10)
     green = green + after * regrow
-    senescent = senescent + after * 0.35 * np.exp(-np.maximum(t - p["harvest"], 0) / 40)
+    senescent = senescent + after * p["residue"] * np.exp(-np.maximum(t - p["harvest"], 0) / 35)
     out = {"green": green, "senescent": senescent}
     if "flower_day" in p:  # rapeseed: yellow flowers for ~3 weeks in April, partly covering the leaves
         flower = 0.5 * np.exp(-0.5 * ((t - p["flower_day"]) / 8) ** 2) * before
@@ -194,7 +198,8 @@ def cover_fractions(programs: list[str], t: np.ndarray, rng: np.random.Generator
             p["peak"] = np.minimum(base["peak"] * rng.uniform(0.88, 1.04, (n, 1)), 0.95)
             p["winter"] = base["winter"] * rng.uniform(0.65, 1.3, (n, 1))
             p["catch"] = (base["winter"] == 0) * (rng.random((n, 1)) < 0.3) * rng.uniform(0.2, 0.45, (n, 1))
-            p["regrow"] = (rng.random((n, 1)) < 0.35) * rng.uniform(0.1, 0.35, (n, 1))
+            p["regrow"] = (rng.random((n, 1)) < 0.5) * rng.uniform(0.15, 0.5, (n, 1))
+            p["residue"] = rng.uniform(0.45, 0.8, (n, 1))
             if name == "rapeseed":
                 p["flower_day"] = 108 + common + rng.normal(0, 3, (n, 1))
             comps = _annual(p, t[None, :])
