@@ -149,23 +149,25 @@ class _Meter:
         self.t0 = time.perf_counter()
 
     def add(self, loss, per_band, mask, eligible, pad_mask, n_samples):
+        # tensors stay on their device: no host sync per micro-batch, only when a step is logged
         self.loss_sum = self.loss_sum + loss.float()
         self.band_sum = per_band.float() if self.band_sum is None else self.band_sum + per_band.float()
         self.n += 1
         B, T, H, W = mask.shape
-        n_valid_dates = B * T if pad_mask is None else int((~pad_mask).sum())
-        self.masked += float(mask.sum())
-        self.valid += n_valid_dates * H * W
-        self.eligible += float(eligible.sum())
-        self.valid_dates += n_valid_dates
+        valid_dates = B * T if pad_mask is None else (~pad_mask).sum()
+        self.masked = self.masked + mask.sum()
+        self.valid = self.valid + valid_dates * (H * W)
+        self.eligible = self.eligible + eligible.sum()
+        self.valid_dates = self.valid_dates + valid_dates
         self.samples += n_samples
 
     def summary(self, lr: float, grad_norm) -> dict:
         acc = self.accelerator
-        local = torch.stack([self.loss_sum / max(self.n, 1),
-                             torch.tensor(self.masked / max(self.valid, 1), device=self.loss_sum.device),
-                             torch.tensor(self.eligible / max(self.valid_dates, 1), device=self.loss_sum.device)])
-        local = torch.cat([local.to(acc.device), (self.band_sum / max(self.n, 1)).to(acc.device)])
+        masked_share = float(self.masked) / max(float(self.valid), 1.0)
+        eligible_share = float(self.eligible) / max(float(self.valid_dates), 1.0)
+        local = torch.cat([torch.stack([self.loss_sum.to(acc.device) / max(self.n, 1)]),
+                           torch.tensor([masked_share, eligible_share], device=acc.device),
+                           (self.band_sum / max(self.n, 1)).to(acc.device)])
         mean = acc.reduce(local, reduction="mean")
         elapsed = time.perf_counter() - self.t0
         samples = self.samples * acc.num_processes
