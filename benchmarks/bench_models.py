@@ -32,11 +32,14 @@ CASES = [
     ("stcln_pretrain fwd+bwd 32² (pre-training crop)", "stcln_pretrain", {}, (4, 30, 10, 32, 32), "fwdbwd", 1, 0),
     ("stcln_pretrain fwd+bwd 32², grad_checkpointing", "stcln_pretrain",
      {"encoder_kwargs": {"grad_checkpointing": True}}, (4, 30, 10, 32, 32), "fwdbwd", 1, 0),
+    ("stcln_pretrain fwd+bwd 32², 20 % padded dates", "stcln_pretrain", {}, (4, 30, 10, 32, 32), "fwdbwd", 1, 0),
     ("stcln fwd+bwd 32² (fine-tuning crop)", "stcln", {}, (2, 30, 10, 32, 32), "fwdbwd", 1, 0),
     ("stcln fwd 128² (test patch)", "stcln", {}, (1, 30, 10, 128, 128), "fwd", 1, 0),
     ("STA head chunked 128² T=4", "sta_head", {"chunk_size": 1024}, (1, 4, 256, 128, 128), "fwd", 1, 0),
     ("STA head naive N×N 128² T=4", "sta_head", {"chunk_size": 1 << 30}, (1, 4, 256, 128, 128), "fwd", 1, 0),
 ]
+# padded dates at the end of sample i: i * step (0, 4, 8, 12 of 30 at B = 4), like a pad_collate batch
+PAD_STEP = {"stcln_pretrain fwd+bwd 32², 20 % padded dates": 4}
 QUICK_SHAPES = {"utae": (1, 4, 10, 32, 32), "stcln_pretrain": (1, 4, 10, 8, 8), "stcln": (1, 4, 10, 8, 8),
                 "sta_head": (1, 2, 256, 16, 16)}
 
@@ -69,6 +72,8 @@ def run_case(spec: dict) -> dict:
     x = torch.randn(b, t, c, h, w, device=device)
     dates = torch.sort(torch.randint(0, 365, (b, t), device=device), dim=1).values
     pad_mask = torch.zeros(b, t, dtype=torch.bool, device=device)
+    for i in range(b):
+        pad_mask[i, t - min(i * spec.get("pad_step", 0), t - 1):] = True
 
     if spec["model"] == "sta_head":
         inputs = (x, torch.randn_like(x), pad_mask)
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
     rows = []
     for name, model, kwargs, shape, pass_, repeats, warmup in tqdm(cases, desc="bench_models", unit="case"):
         spec = {"model": model, "kwargs": kwargs, "shape": QUICK_SHAPES[model] if args.quick else shape,
-                "pass": pass_, "repeats": 1 if args.quick else repeats, "warmup": 0 if args.quick else warmup,
+                "pad_step": PAD_STEP.get(name, 0), "pass": pass_, "repeats": 1 if args.quick else repeats,
+                "warmup": 0 if args.quick else warmup,
                 "device": args.device, "bf16": args.bf16, "channels_last": args.channels_last, "compile": args.compile}
         proc = subprocess.run([sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True,
                               text=True, check=False)

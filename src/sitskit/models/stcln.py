@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sitskit.models.encoder_layer import EncoderLayer
 from sitskit.models.layers import (
     SequenceGroupNorm,
     SinusoidalPositionalEncoding,
@@ -53,9 +54,11 @@ class DoubleConv(nn.Module):
 class PixelTransformer(nn.Module):
     """Per-pixel temporal Transformer: GroupNorm `in_norm` -> + sinusoidal positions -> post-LN layers.
 
-    Layers are `nn.TransformerEncoderLayer` (ReLU, post-norm): the reference's custom layer has the
-    same computation and the same parameter names. Padded dates are excluded from the normalisation
-    statistics and masked as attention keys.
+    Layers are `EncoderLayer`s, i.e. `nn.TransformerEncoderLayer` (ReLU, post-norm) with a leaner forward:
+    the reference's custom layer has the same computation and the same parameter names. Padded dates are
+    excluded from the normalisation statistics and never enter the layers: the samples of a batch are
+    grouped by number of valid dates and each group runs on its valid dates only, without a mask (same
+    result as masking the padded keys; no work on padding). Padded outputs are 0.
 
     tokens: [B, N, T, D] (N pixels), positions: [B, T], pad_mask: [B, T] | None -> [B, N, T, D]
     """
@@ -70,23 +73,42 @@ class PixelTransformer(nn.Module):
         self.in_norm = SequenceGroupNorm(norm_groups, d_model)
         self.position_encoding = SinusoidalPositionalEncoding(pe_dim, pe_period, repeat=d_model // pe_dim)
         self.layer_stack = nn.ModuleList(
-            nn.TransformerEncoderLayer(d_model, n_head, d_ffn, dropout, activation="relu", batch_first=True)
-            for _ in range(n_layers)
+            EncoderLayer(d_model, n_head, d_ffn, dropout) for _ in range(n_layers)
         )
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, t, d = tokens.shape
+        if pad_mask is not None and not bool(pad_mask.any()):
+            pad_mask = None
         seq_pad = None if pad_mask is None else pad_mask[:, None, :].expand(b, n, t).reshape(b * n, t)
         x = self.in_norm(tokens.reshape(b * n, t, d), seq_pad)
-        x = (x.view(b, n, t, d) + self.position_encoding(positions)[:, None]).view(b * n, t, d)
+        x = x.view(b, n, t, d) + self.position_encoding(positions)[:, None]
+        if pad_mask is None:
+            return self.run_layers(x.view(b * n, t, d)).view(b, n, t, d)
+        # Valid dates only: the samples with the same number of valid dates go through the layers together,
+        # without a mask (a masked key has zero weight, so the valid outputs are the same); padded dates = 0.
+        valid = ~pad_mask
+        lengths = valid.sum(dim=1)
+        out = x.new_zeros(b, t, n, d)
+        for length in torch.unique(lengths).tolist():
+            rows = torch.nonzero(lengths == length).squeeze(1)  # samples with `length` valid dates
+            cols = torch.nonzero(valid[rows])[:, 1].view(-1, length)  # their valid date indices, ascending
+            ii = rows[:, None]
+            group = x[ii, :, cols]  # [c, length, N, D]
+            y = self.run_layers(group.transpose(1, 2).reshape(-1, length, d))  # [c*N, length, D]
+            out.index_put_((ii, cols), y.view(-1, n, length, d).transpose(1, 2))
+        return out.transpose(1, 2)
+
+    def run_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """The Transformer layers on unpadded sequences [S, T, D] -> [S, T, D]."""
         for layer in self.layer_stack:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # recompute the layer in backward (same dropout masks: the RNG state is replayed)
-                x = checkpoint(layer, x, src_key_padding_mask=seq_pad, use_reentrant=False)
+                x = checkpoint(layer, x, use_reentrant=False)
             else:
-                x = layer(x, src_key_padding_mask=seq_pad)
-        return x.view(b, n, t, d)
+                x = layer(x)
+        return x
 
 
 @register_model("stcln_encoder")

@@ -1,0 +1,164 @@
+"""Post-LN Transformer encoder layer for many short sequences (STCLN's per-pixel temporal Transformer).
+
+`EncoderLayer` subclasses `nn.TransformerEncoderLayer` (batch_first, ReLU, post-norm) and keeps its
+submodules, initialisation and state-dict keys (`self_attn.in_proj_weight`, `self_attn.in_proj_bias`,
+`self_attn.out_proj.*`, `linear1`, `linear2`, `norm1`, `norm2`), so weights move freely between the two and
+the released STCLN checkpoints load. Only `forward` is rewritten, with the same maths:
+
+    x = norm1(x + dropout1(out_proj(MHA(x))))      MHA: 8 heads, key-padding mask, attention dropout
+    x = norm2(x + dropout2(linear2(dropout(relu(linear1(x))))))
+
+What is different is what runs and what autograd keeps (sizes per token and layer for d = 256, 8 heads,
+FFN 1024, T dates):
+- attention through `F.scaled_dot_product_attention` with a boolean key mask broadcast over heads and
+  queries ([N, 1, 1, T], no float mask materialised, no batch-first transposes), except in CPU training
+  with dropout, where every SDPA backend falls back to its math path (which keeps the scaled q and k, the
+  softmax, a float dropout noise and the dropped probabilities): there `_AttentionFunction` keeps q, k, v
+  (views of the one projection output), the softmax and a boolean dropout mask, and recomputes the rest;
+- the FFN is one autograd function that keeps only its input and the dropped ReLU output `d`:
+  relu and dropout backward are `grad * (d > 0) / (1 - p)`, exact because d > 0 exactly where the unit
+  was active and kept (instead of the ReLU output, a float dropout noise and `d`: 3 x 1024 floats);
+- residual dropouts use `torch.native_dropout` (boolean mask saved) instead of `F.dropout`, which on CPU
+  saves a float noise tensor.
+Dropout masks are drawn with the same distribution but not the same random stream as torch's layer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def dropout_bool_mask(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout` whose autograd state is a boolean mask (same distribution)."""
+    if not training or p == 0.0:
+        return x
+    return torch.native_dropout(x, p, True)[0]
+
+
+class _FeedForwardFunction(torch.autograd.Function):
+    """y = linear2(dropout(relu(linear1(x)))), keeping only x and the dropped hidden activation."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, p: float, training: bool):
+        hidden = F.linear(x, w1, b1).relu_()
+        if training and p > 0.0:
+            hidden = torch.native_dropout(hidden, p, True)[0]
+            ctx.scale = 1.0 / (1.0 - p)
+        else:
+            ctx.scale = 1.0
+        y = F.linear(hidden, w2, b2)
+        ctx.save_for_backward(x, w1, w2, hidden)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w1, w2, hidden = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        gy = grad_y.reshape(-1, grad_y.shape[-1])
+        h = hidden.reshape(-1, hidden.shape[-1])
+        grad_w2 = gy.t().mm(h) if need_w2 else None
+        grad_b2 = gy.sum(0) if need_b2 else None
+        grad_x = grad_w1 = grad_b1 = None
+        if need_x or need_w1 or need_b1:
+            gh = gy.mm(w2)
+            gh.masked_fill_(h <= 0, 0.0)
+            if ctx.scale != 1.0:
+                gh.mul_(ctx.scale)
+            if need_w1:
+                grad_w1 = gh.t().mm(x.reshape(-1, x.shape[-1]))
+            if need_b1:
+                grad_b1 = gh.sum(0)
+            if need_x:
+                grad_x = gh.mm(w1).view(x.shape)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) with dropout, times v; keeps q, k, v, the softmax and a bool mask.
+
+    q, k, v: [N, h, T, dh] (any strides); bias: [N, 1, 1, T] float (0 or -inf) or None.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, p: float):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+        if bias is not None:
+            scores.add_(bias)
+        attn = torch.softmax(scores, dim=-1)
+        del scores
+        keep = None
+        if p > 0.0:
+            keep = torch.empty_like(attn, dtype=torch.bool).bernoulli_(1.0 - p)
+            out = torch.matmul(attn * keep * (1.0 / (1.0 - p)), v)
+        else:
+            out = torch.matmul(attn, v)
+        ctx.scale, ctx.p = scale, p
+        ctx.save_for_backward(q, k, v, attn, keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, attn, keep = ctx.saved_tensors
+        p = ctx.p
+        dropped = attn if keep is None else attn * keep * (1.0 / (1.0 - p))
+        grad_v = torch.matmul(dropped.transpose(-2, -1), grad_out)
+        del dropped
+        grad_attn = torch.matmul(grad_out, v.transpose(-2, -1))
+        if keep is not None:
+            grad_attn.mul_(keep).mul_(1.0 / (1.0 - p))
+        grad_scores = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
+        del grad_attn
+        grad_scores.mul_(ctx.scale)
+        grad_q = torch.matmul(grad_scores, k)
+        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
+        return grad_q, grad_k, grad_v, None, None
+
+
+class EncoderLayer(nn.TransformerEncoderLayer):
+    """`nn.TransformerEncoderLayer(d_model, n_head, d_ffn, dropout, "relu", batch_first=True)` with a
+    leaner forward (see the module docstring). forward(x [N, T, D], key_padding_mask [N, T] bool
+    (True = padded) | None) -> [N, T, D]."""
+
+    def __init__(self, d_model: int, n_head: int, d_ffn: int, dropout: float):
+        super().__init__(d_model, n_head, d_ffn, dropout, activation="relu", batch_first=True)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        x = self.norm1(x + dropout_bool_mask(self._attention(x, key_padding_mask), self.dropout1.p, self.training))
+        return self.norm2(x + dropout_bool_mask(self._feed_forward(x), self.dropout2.p, self.training))
+
+    def _attention(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        attn = self.self_attn
+        n, t, d = x.shape
+        h = attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # [N, h, T, dh] views
+        p = attn.dropout if self.training else 0.0
+        if p > 0.0 and x.device.type == "cpu" and torch.is_grad_enabled() and _autocast_dtype("cpu") is None:
+            bias = None
+            if key_padding_mask is not None:
+                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
+            out = _AttentionFunction.apply(q, k, v, bias, p)
+        else:
+            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return attn.out_proj(out.transpose(1, 2).reshape(n, t, d))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias
+        dtype = _autocast_dtype(x.device.type)
+        if dtype is not None:  # what autocast does for linear, done outside the function (grads flow back)
+            x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+            with torch.autocast(x.device.type, enabled=False):
+                return _FeedForwardFunction.apply(x, w1, b1, w2, b2, self.dropout.p, self.training)
+        return _FeedForwardFunction.apply(x, w1, b1, w2, b2, self.dropout.p, self.training)
