@@ -22,6 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_simulator.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_pretrain.py

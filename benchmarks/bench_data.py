@@ -1,7 +1,7 @@
 """Data benchmark: size on disk and read rate, raw PASTIS npy folder vs the sitskit HDF5 file.
 
     python benchmarks/bench_data.py [--patches 40] [--size 128] [--work /tmp/sitskit_bench_data]
-                                    [--out benchmarks/results/data.md]
+                                    [--out FILE.md]
 
 (a) "raw npy": the reference loader's way (utae-paps PASTIS_Dataset.__getitem__): np.load of the whole
     S2 file, cast to float32, (x - mean) / std with fold statistics, the date vector and TARGET[0].
@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sitskit_bench_data"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "data.md")
+    ap.add_argument("--out", type=Path, default=None, help="also write the Markdown tables to this file")
     args = ap.parse_args()
     torch.set_num_threads(1)
     root = args.work / f"pastis_{args.patches}x{args.size}"
@@ -178,8 +178,9 @@ def main() -> None:
         ref = base["32x32 crop" if "crop" in name else "full patch"]
         lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in r)
                      + f" | {r[1] / ref[2]:.2f} | {r[3] / ref[4]:.2f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

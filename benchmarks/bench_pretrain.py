@@ -4,7 +4,7 @@ encoder (CNN 32->256, 3 Transformer layers of width 256), mask ratio 0.4 with ve
 
     python benchmarks/bench_pretrain.py                       # CPU, fp32
     python benchmarks/bench_pretrain.py --device cuda --mixed-precision bf16
-    python benchmarks/bench_pretrain.py --markdown >> benchmarks/results/pretrain.md
+    python benchmarks/bench_pretrain.py --markdown   # a table row for benchmarks/RESULTS.md
 
 Inputs are synthetic standardised series (throughput does not depend on the values); padding is
 exercised by giving the last sample 10 % fewer dates.

@@ -1,7 +1,7 @@
 """Simulator speed: seconds per PASTIS patch / MTLCC tile-year, in memory and written to disk.
 
-`python benchmarks/bench_simulator.py [--repeats 5]` prints a Markdown table and writes it to
-benchmarks/results/simulator.md. CPU seconds (process time) are reported beside wall-clock seconds
+`python benchmarks/bench_simulator.py [--repeats 5]` prints a Markdown table (and writes it to
+`--out FILE.md` if given). CPU seconds (process time) are reported beside wall-clock seconds
 because the benchmark machine is shared.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _time(fn, repeats: int) -> tuple[float, float, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "simulator.md"))
+    ap.add_argument("--out", default=None, help="also write the Markdown table to this file")
     args = ap.parse_args()
     rows = []
     simulate_pastis_patch(10000, size=32)  # warm-up (imports, FFT plans)
@@ -71,8 +71,9 @@ def main() -> None:
     ] + [f"| {a} | {b} | {c} | {w:.3f} | {u:.3f} |" for a, b, c, w, u in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the zstd filter for reading)
+import hdf5plugin  # noqa: F401  (registers the Blosc/zstd filters for reading)
 import numpy as np
 import torch
 from torch.utils.data import Dataset
