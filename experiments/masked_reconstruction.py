@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from scipy.ndimage import uniform_filter
 from safetensors.torch import load_file
+from scipy.ndimage import uniform_filter
 
 from sitskit.data import build_dataset, pad_collate
 from sitskit.models import build
@@ -51,7 +51,7 @@ def pretrain(h5: Path, out: Path, strategy: str, steps: int, train_folds: list[i
 def load_model(run_dir: Path) -> torch.nn.Module:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     model = build(cfg["model"]["name"], in_channels=10, **cfg["model"]["kwargs"])
-    state = sorted((run_dir / "state").glob("step_*"))[-1] / "model.safetensors"
+    state = max((run_dir / "state").glob("step_*")) / "model.safetensors"
     model.load_state_dict(load_file(state))
     return model.eval()
 
@@ -60,7 +60,7 @@ def temporal_interpolation(x: np.ndarray, hidden: np.ndarray, days: np.ndarray) 
     """x: [T, C, H, W]; hidden: bool [T, H, W]; days: [T]. Per pixel, linear in time over visible dates;
     pixels with no visible date fall back to the spatial mean of their date."""
     out = spatial_mean(x, hidden)
-    T, C, H, W = x.shape
+    _, C, H, W = x.shape
     for i in range(H):
         for j in range(W):
             vis = ~hidden[:, i, j]

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import h5py
-import hdf5plugin  # noqa: F401
+import hdf5plugin
 import numpy as np
 import pytest
 

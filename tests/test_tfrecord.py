@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from sitskit.formats.mtlcc_record import decode_mtlcc_example, encode_mtlcc_example
-from sitskit.formats.tfrecord import (TFRecordError, decode_example, encode_example, iter_records,
-                                      masked_crc32c, read_tfrecord, write_tfrecord)
+from sitskit.formats.tfrecord import (
+    TFRecordError,
+    decode_example,
+    encode_example,
+    iter_records,
+    masked_crc32c,
+    read_tfrecord,
+    write_tfrecord,
+)
 
 
 def test_masked_crc32c_known_value():
@@ -35,7 +42,7 @@ def test_file_roundtrip_and_crc_framing(tmp_path, name):
         np.full(t, 2016), rng.integers(0, 27, (h, h)))
     path = tmp_path / name
     write_tfrecord(path, [ex, ex])
-    raw = gzip.open(path).read() if name.endswith(".gz") else path.read_bytes()
+    raw = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
     assert struct.unpack("<I", raw[8:12])[0] == masked_crc32c(raw[:8])
     assert struct.unpack("<I", raw[12 + length:16 + length])[0] == masked_crc32c(raw[12:12 + length])

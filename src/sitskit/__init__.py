@@ -1,6 +1,7 @@
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _v
 
 try:
     __version__ = _v("sitskit")
-except Exception:  # running from a source tree without installation
+except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.1.0"

@@ -10,13 +10,11 @@ import gzip
 import io
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 from crc32c import crc32c as _crc32c
-
-Feature = "bytes | list[bytes] | np.ndarray | Sequence[int] | Sequence[float]"
 
 
 class TFRecordError(ValueError):
