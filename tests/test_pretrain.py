@@ -239,3 +239,20 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert "mask.strategy must be one of" in capsys.readouterr().err
     assert main(["--mask.ratios", "0.4"]) == 2
     assert "unknown option '--mask.ratios'" in capsys.readouterr().err
+
+
+def test_an_existing_run_is_never_overwritten_silently(tmp_path, capsys):
+    fake = tmp_path / "x.h5"
+    fake.write_bytes(b"")  # never read: the check comes first
+    old_state = tmp_path / "runs" / "r" / "state" / "step_00000001"
+    old_state.mkdir(parents=True)
+    args = ["--data.path", str(fake), "--output.dir", str(tmp_path / "runs"), "--output.name", "r",
+            "--run.tracking", "false"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (state/)" in err and "--resume" in err and "--output.overwrite" in err
+    assert old_state.exists()
+    # with --output.overwrite the old states go; the run then fails on the (empty) data file, not the folder
+    assert main(args + ["--output.overwrite", "true"]) == 2
+    assert "already holds a run" not in capsys.readouterr().err
+    assert not old_state.exists()

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     run([py, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no",
          "pretrain.py", "--config", "configs/pretrain_demo.yaml", "--data.path", str(h5),
-         "--output.dir", str(out / "checkpoints")])
+         "--output.dir", str(out / "checkpoints"), "--output.overwrite", "true"])
     print(f"""
 Demo finished.
   patch figure      {out / 'patch.png'}

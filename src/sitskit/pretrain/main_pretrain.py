@@ -34,6 +34,7 @@ DEFAULTS: dict = {
         "name": None,  # run name = folder under output.dir; default: pretrain-<h5 stem>-<UTC time>
         "save_every": 500,  # optimiser steps between Accelerate states
         "keep_states": 2,  # newest states kept
+        "overwrite": False,  # replace an existing run of the same name (else refused unless run.resume)
     },
     "data": {
         "path": None,  # HDF5 file written by `python data_prep.py pastis|mtlcc`
@@ -150,6 +151,7 @@ class Pretrainer:
         set_seed(cfg["run"]["seed"])  # identical model init on every rank
         self.run_dir = Path(broadcast_object_list([str(self.resolve_run_dir())])[0])
         self.states_dir = self.run_dir / "state"
+        self.claim_run_dir()
 
         self.dataset = self.build_dataset()
         self.loader = self.build_loader(self.dataset)
@@ -179,6 +181,22 @@ class Pretrainer:
             self.start_tracking()
         acc.wait_for_everyone()
         return self.train()
+
+    def claim_run_dir(self) -> None:
+        """Never write into another run's folder silently: continue it (run.resume), or replace it only
+        when asked (output.overwrite)."""
+        used = [p.name + "/" for p in (self.states_dir, self.run_dir / "encoder") if p.exists()]
+        if not used or self.cfg["run"]["resume"]:
+            return
+        if not self.cfg["output"]["overwrite"]:
+            raise UserFacingError(f"{self.run_dir} already holds a run ({', '.join(used)}); continue it with "
+                                  "--resume, pick another --output.name, or replace it with --output.overwrite true")
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            for p in (self.states_dir, self.run_dir / "encoder"):
+                shutil.rmtree(p, ignore_errors=True)
+        acc.wait_for_everyone()
 
     def resolve_run_dir(self) -> Path:
         out_cfg = self.cfg["output"]
