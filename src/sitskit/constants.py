@@ -48,7 +48,6 @@ MTLCC_CLASSES: dict[int, str] = {
 }
 MTLCC_UNKNOWN = 0
 MTLCC_ORIGINAL_IDS: list[int] = sorted(MTLCC_CLASSES)
-MTLCC_NAMES: list[str] = [MTLCC_CLASSES[i] for i in MTLCC_ORIGINAL_IDS]
 # Band order inside the records (DeepSatModels' converter; consistent with STCLN's NDVI = (ch3-ch0)/(ch3+ch0)).
 MTLCC_X10_BANDS: list[str] = ["B4", "B3", "B2", "B8"]
 MTLCC_X20_BANDS: list[str] = ["B5", "B6", "B7", "B8A", "B11", "B12"]
@@ -69,7 +68,3 @@ S2_RESOLUTION_M: dict[str, int] = {
 }
 REFLECTANCE_SCALE = 10000  # int16 digital numbers = reflectance x 10 000
 
-
-def band_index(bands: list[str], name: str) -> int:
-    """Position of band `name` in `bands` (e.g. NDVI needs B8 and B4 in either layout)."""
-    return bands.index(name)
