@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sitskit.data_prep.h5schema import open_sits
+from sitskit.data_prep.h5schema import has_checksums, open_sits, read_error
 from sitskit.errors import UserFacingError
 
 from . import normalization, subsets, transforms
@@ -162,6 +162,13 @@ class SITSDataset(Dataset):
         return state
 
     def __getitem__(self, i: int) -> dict:
+        try:
+            return self._read_sample(i)
+        except OSError as exc:  # HDF5: checksum mismatch or an undecodable chunk -> one line naming the patch
+            key = self.keys_all[self._crops[i][0]]
+            raise read_error(self.path, key, exc, checksummed=has_checksums(self._h5())) from None
+
+    def _read_sample(self, i: int) -> dict:
         if not 0 <= i < len(self):
             raise IndexError(i)
         row, yx = self._crops[i]

@@ -1,4 +1,4 @@
-"""`python data_prep.py <command> …`: simulate, show, pastis, mtlcc, info.
+"""`python data_prep.py <command> …`: simulate, show, pastis, mtlcc, info, verify.
 
 Each command lives with the code it drives; this module only assembles the parser. A command that
 fails on bad input raises `UserFacingError`: one line on stderr, exit code 2, nothing left behind.
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "PASTIS / MTLCC to one HDF5 file.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     simulate_cli.register(sub)   # simulate, show
-    prep_commands.register(sub)  # pastis, mtlcc, info
+    prep_commands.register(sub)  # pastis, mtlcc, info, verify
     return parser
 
 

@@ -1,4 +1,4 @@
-"""`pastis`, `mtlcc` and `info` subcommands of `python data_prep.py`."""
+"""`pastis`, `mtlcc`, `info` and `verify` subcommands of `python data_prep.py`."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,11 @@ def _info(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from .verify import run_verify
+    return run_verify(args.file)
+
+
 def register(sub) -> None:
     """Add the conversion subcommands to the data_prep parser."""
     p = sub.add_parser("pastis", help="convert a PASTIS / PASTIS-R folder to one HDF5 file")
@@ -52,6 +57,13 @@ def register(sub) -> None:
     p.add_argument("--years", nargs="+", type=int, default=[2016, 2017], help="series years (data16, data17)")
     p.add_argument("--size", type=int, choices=[480, 240], default=480, help="tile set (480 m = 48 px)")
     p.set_defaults(func=_mtlcc)
+    from .geotiff import register_geotiff
+    register_geotiff(sub)  # your own region (docs/own_region.md)
     p = sub.add_parser("info", help="summarise a converted HDF5 file")
     p.add_argument("file")
     p.set_defaults(func=_info)
+    p = sub.add_parser("verify", help="read every chunk of a converted HDF5 file and check its checksums",
+                       description="Reads every chunk of every dataset (format 2: Fletcher32 checksums). "
+                                   "Prints one line per corrupt patch; exit 0 when clean, 1 when corrupt.")
+    p.add_argument("file")
+    p.set_defaults(func=_verify)

@@ -10,6 +10,10 @@ One file per dataset::
     /patches/<key>/semantic     uint8 [H, W] contiguous class index; more label maps per dataset
     /index/…                    one row per complete patch, written last (cheap dataset construction)
 
+Integrity (format version 2): every chunked dataset (image series and label maps) carries HDF5's Fletcher32
+checksum, the last filter of the pipeline, so a changed byte in a stored chunk fails the read instead of
+returning other values; `verify_file` reads every chunk. Version 1 files (no checksums) are still read.
+
 Atomicity: everything is written to ``<out>.partial``; a patch group gets ``complete = 1`` only after all
 its datasets are written and the file is flushed; the index and ``/``'s ``complete`` attribute are written
 last, then the file is renamed to ``<out>``. ``--resume`` reopens ``<out>.partial``, drops any group that is
@@ -20,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import errno
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -31,7 +37,8 @@ import numpy as np
 from sitskit.errors import UserFacingError
 
 FORMAT_NAME = "sitskit-sits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHECKSUM_VERSION = 2  # first format version with Fletcher32 on every chunked dataset
 PARTIAL_SUFFIX = ".partial"
 # Attributes that legitimately differ between two conversions of the same source (excluded from identity).
 PROVENANCE_TIME_ATTRS = ("created_utc",)
@@ -57,12 +64,13 @@ def compression_options(spec: str) -> dict:
     zstd (default, level 5 of 1-9) is byte-shuffle + zstd inside the Blosc filter of hdf5plugin (id 32001).
     Measured on simulated PASTIS S2 (one-date chunks): 0.597x the raw size and ~1.3x the decoding speed of
     hdf5plugin's plain Zstd filter with HDF5 shuffle (0.612x). gzip (shuffle + deflate, default level 4) is
-    readable by any HDF5 tool without plugins, but ~3.5x slower to read.
+    readable by any HDF5 tool without plugins, but ~3.5x slower to read. Every choice, "none" included,
+    adds the Fletcher32 checksum (h5py appends it as the last filter: checked first when reading).
     """
     name, _, level = spec.partition(":")
     limits = {"zstd": (1, 9, ZSTD_LEVEL), "gzip": (1, 9, GZIP_LEVEL)}
     if name == "none" and not level:
-        return {}
+        return {"fletcher32": True}
     if name not in limits:
         raise UserFacingError(f"--compression {spec!r}: use zstd[:1-9], gzip[:1-9] or none")
     lo, hi, default = limits[name]
@@ -73,8 +81,9 @@ def compression_options(spec: str) -> dict:
     if not lo <= value <= hi:
         raise UserFacingError(f"--compression {spec!r}: {name} level must be an integer in {lo}..{hi}")
     if name == "zstd":
-        return dict(hdf5plugin.Blosc(cname="zstd", clevel=value, shuffle=hdf5plugin.Blosc.SHUFFLE))
-    return {"shuffle": True, "compression": "gzip", "compression_opts": value}
+        return {**hdf5plugin.Blosc(cname="zstd", clevel=value, shuffle=hdf5plugin.Blosc.SHUFFLE),
+                "fletcher32": True}
+    return {"shuffle": True, "compression": "gzip", "compression_opts": value, "fletcher32": True}
 
 
 class CompressedSeries:
@@ -98,11 +107,74 @@ class CompressedSeries:
 def precompress(sats: dict[str, dict], compression_name: str) -> None:
     """Replace each non-empty series by its CompressedSeries (called in reader processes)."""
     opts = compression_options(compression_name)
-    if not opts:
-        return
     for s in sats.values():
         if isinstance(s["data"], np.ndarray) and s["data"].shape[0] > 0:
             s["data"] = CompressedSeries(s["data"], opts)
+
+
+class OutputWriteError(UserFacingError):
+    """The output could not be written (disk full, read-only file system, no permission): one line."""
+
+
+def os_error_reason(exc: OSError) -> str:
+    """'No space left on device' for an OSError from Python or from HDF5 (whose message holds 'errno = N')."""
+    code = exc.errno
+    if code is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        code = int(found.group(1)) if found else None
+    if code:
+        return os.strerror(code)
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class DataReadError(UserFacingError):
+    """A stored chunk failed its checksum or could not be decoded; the message names the file and the patch.
+
+    Picklable (one str argument). torch's DataLoader re-raises a worker's exception as
+    `type(exc)("Caught … in DataLoader worker process N.\nOriginal Traceback …")`: that form is reduced back
+    to the original one-line message, so the user still reads one line.
+    """
+
+    def __init__(self, message: str):
+        lines = [line for line in str(message).splitlines() if line.strip()]
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+            message = lines[-1].removeprefix(prefix)
+        super().__init__(message)
+
+
+def is_checksum_error(exc: BaseException, checksummed: bool) -> bool:
+    """Whether a failed chunk read is a checksum mismatch. h5py reports only HDF5's outermost message
+    ("filter returned failure during read"); Fletcher32 is the first filter run on read, so on a checksummed
+    dataset a failing filter is the checksum (the decompressor only ever sees verified bytes)."""
+    text = str(exc).lower()
+    return "fletcher32" in text or "checksum" in text or (checksummed and "filter returned failure" in text)
+
+
+def has_checksums(f: h5py.File) -> bool:
+    return int(f.attrs.get("format_version", 1)) >= CHECKSUM_VERSION
+
+
+def read_error(path: str | os.PathLike, key: str, exc: OSError, checksummed: bool) -> DataReadError:
+    """The one-line error for an HDF5 read of patch `key` that failed (checksum mismatch or undecodable)."""
+    if is_checksum_error(exc, checksummed):
+        what = "data is corrupt (checksum mismatch in a stored chunk)"
+    else:
+        what = f"data cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return DataReadError(f"{path}: patch {key}: {what}; run `python data_prep.py verify {path}`")
+
+
+def check_output_location(out: Path) -> None:
+    """One clear line for an --out that cannot be created: missing or non-folder parent, no write access."""
+    parent = out.parent
+    if not parent.exists():
+        raise UserFacingError(f"{out}: output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise UserFacingError(f"{out}: {parent} is a file, not a folder")
+    if out.is_dir():
+        raise UserFacingError(f"{out}: output path is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"cannot write {out}: {os.strerror(errno.EACCES)}")
 
 
 def iso_dates(dates: list[_dt.date]) -> np.ndarray:
@@ -118,12 +190,12 @@ class H5Writer:
         self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
         self.compression = compression_options(compression)
         self.settings = json.dumps(settings or {}, sort_keys=True)
+        check_output_location(self.out)
         if self.out.exists() and not force:
             raise UserFacingError(f"{self.out}: output exists; pass --force to overwrite it")
-        if self.out.is_dir():
-            raise UserFacingError(f"{self.out}: output path is a directory")
-        if not self.out.parent.exists():
-            raise UserFacingError(f"{self.out.parent}: output directory does not exist")
+        if self.partial.exists() and not (resume or force):
+            raise UserFacingError(f"{self.partial}: an interrupted conversion of {self.out} is there; pass "
+                                  "--resume to continue it or --force to start over")
         self.resumed = False
         if resume and self.partial.exists():
             self.file = self._reopen()
@@ -131,12 +203,13 @@ class H5Writer:
         else:
             if resume:
                 print(f"note: no interrupted conversion at {self.partial}; starting from scratch")
-            self.partial.unlink(missing_ok=True)
-            # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
-            # that a killed run leaves set, which would make the partial file unopenable for --resume.
-            self.file = h5py.File(self.partial, "w", track_order=False)
-            self.file.attrs["conversion_settings"] = self.settings
-            self.file.attrs["complete"] = 0
+            with self.writing():
+                self.partial.unlink(missing_ok=True)  # --force: start over
+                # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
+                # that a killed run leaves set, which would make the partial file unopenable for --resume.
+                self.file = h5py.File(self.partial, "w", track_order=False)
+                self.file.attrs["conversion_settings"] = self.settings
+                self.file.attrs["complete"] = 0
         self.patches = self.file.require_group("patches")
         self._committed = 0
         hook, _, sig = os.environ.get(KILL_HOOK_ENV, "").partition(":")
@@ -159,6 +232,14 @@ class H5Writer:
             if not f["patches"][key].attrs.get("complete", 0):
                 del f["patches"][key]  # interrupted mid-patch: redo it
         return f
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Turn an OSError while writing (ENOSPC, EROFS, EACCES, …) into one OutputWriteError line."""
+        try:
+            yield
+        except OSError as exc:
+            raise OutputWriteError(f"cannot write {self.out}: {os_error_reason(exc)}") from None
 
     def done_keys(self) -> set[str]:
         return set(self.patches.keys())
