@@ -301,13 +301,38 @@ class MTLCCDataset(SITSDataset):
         return self._apply_subset(index, rows, label_subset, "id")
 
 
+class GeotiffDataset(PastisDataset):
+    """Your own region (`data_prep.py geotiff`, docs/own_region.md): patches split by spatial blocks into
+    `split='train'|'val'|'test'` (None: all). Class list, ignore index and background come from the file;
+    panoptic targets as for PASTIS."""
+
+    dataset_name = "geotiff"
+
+    def __init__(self, h5_path, *args, **kwargs):
+        with open_sits(h5_path) as f:
+            self.ignore_index_attr = int(f.attrs["ignore_index"])
+            self.background_attr = [int(v) for v in f.attrs["background_ids"]]
+            self.has_labels = bool(int(f.attrs.get("has_labels", 0)))
+        super().__init__(h5_path, *args, **kwargs)
+
+    def _select(self, index, folds, split, years, label_subset):
+        if folds is not None:
+            raise UserFacingError("a geotiff dataset is split by split='train'|'val'|'test', not folds")
+        if self.task != "pretrain" and not self.has_labels:
+            raise UserFacingError(f"{self.path}: converted without --labels/--label-raster; only task 'pretrain'")
+        if split is not None and split not in ("train", "val", "test"):
+            raise UserFacingError(f"split {split!r}: geotiff splits are train, val, test")
+        rows = [r for r, s in enumerate(index["split"]) if split is None or _str(s) == split]
+        return self._apply_subset(index, rows, label_subset, "id")
+
+
 def build_dataset(h5_path, task="pretrain", folds=None, split=None, years=None, norm="source", crop=None,
                   crop_mode="random", num_dates=None, max_doy=None, max_date=None, augment=False,
                   noise_sigma=0.0, noise_prob=0.0, label_subset=None, seed=0, sat="S2", crop_cells=None):
     """The PASTIS or MTLCC dataset of `h5_path`, chosen from the file's `dataset` attribute."""
     with open_sits(h5_path) as f:
         name = f.attrs["dataset"]
-    cls = {"pastis": PastisDataset, "mtlcc": MTLCCDataset}.get(name)
+    cls = {"pastis": PastisDataset, "mtlcc": MTLCCDataset, "geotiff": GeotiffDataset}.get(name)
     if cls is None:
         raise UserFacingError(f"{h5_path}: unknown dataset kind {name!r}")
     return cls(h5_path, task=task, folds=folds, split=split, years=years, norm=norm, crop=crop,

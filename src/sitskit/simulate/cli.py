@@ -19,7 +19,9 @@ def register(sub) -> None:
         "simulate", help="write a simulated PASTIS or MTLCC dataset in the real on-disk format",
         description="Simulate Sentinel-2 crop time series (parcels, phenology, clouds) and write them in "
                     "the exact PASTIS (npy + geojson) or MTLCC (gzip TFRecord) layout. Deterministic per seed.")
-    p.add_argument("--format", required=True, choices=["pastis", "mtlcc"], help="dataset layout to write")
+    p.add_argument("--format", required=True, choices=["pastis", "mtlcc", "geotiff"],
+                   help="dataset layout to write (geotiff: one scene as dated GeoTIFFs + parcels.gpkg, "
+                        "docs/own_region.md)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--patches", type=int, default=8, help="number of patches (PASTIS) or tiles (MTLCC)")
     p.add_argument("--size", type=int, default=None,
@@ -53,6 +55,12 @@ def run_simulate(args) -> int:
 
     if args.patches is not None and args.patches < 1 and args.ids is None:
         raise UserFacingError(f"--patches {args.patches}: must be >= 1")
+    if args.format == "geotiff":  # one scene (--size px, default 256), not --patches patches
+        from .geotiff import simulate_geotiff
+        out = simulate_geotiff(args.out, size=args.size or 256, seed=args.seed,
+                               year=args.year[0] if args.year else 2019)
+        print(f"wrote {out}")
+        return 0
     if args.format == "pastis":
         if args.test_ids is not None or args.eval_ids is not None:
             raise UserFacingError("--test-ids/--eval-ids are MTLCC split files; PASTIS splits are the Fold "
