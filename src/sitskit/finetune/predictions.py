@@ -1,0 +1,250 @@
+"""Prediction files (docs/predictions.md): writer, reader and scorer.
+
+One HDF5 file per prediction run, keyed exactly like the data file (docs/hdf5_format.md)::
+
+    /                        attrs: kind = "sitskit-predictions", format_version, model, checkpoint, data_file,
+                             data_sha, class_names, num_classes, ignore_index, created, sitskit_version
+    /patches/<key>/semantic  uint8 [H, W]       class index of the data file
+    /patches/<key>/probs     float16 [K, H, W]  optional
+    /patches/<key>           attrs: the data file patch group's georeferencing (id, fold, footprint, ...)
+
+`score_predictions` reads the truth from the data file and scores with the same protocols as
+`finetune.py evaluate --checkpoint`, so maps from any tool are scored identically.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+import sitskit
+from sitskit.data_prep.h5schema import PARTIAL_SUFFIX, compression_options, open_sits
+from sitskit.errors import UserFacingError
+from sitskit.finetune.metrics import ConfusionMeter, compute_metrics, protocol_options
+
+KIND = "sitskit-predictions"
+FORMAT_VERSION = 1
+# Patch-group attributes copied from the data file (whichever of them it has).
+PATCH_ATTRS = ("id", "fold", "split", "year", "tile", "crs", "footprint", "geotransform")
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def data_index_sha(data: str | os.PathLike | h5py.File) -> str:
+    """sha256 of a data file's /index (field names, dtypes, shapes and bytes, fields sorted): identifies the
+    set of patches and their metadata without reading any image."""
+    def digest(f: h5py.File) -> str:
+        if "index" not in f:
+            raise UserFacingError(f"{f.filename}: no /index group")
+        h = hashlib.sha256()
+        for name in sorted(f["index"]):
+            arr = np.ascontiguousarray(f["index"][name][()])
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+            h.update(arr.tobytes())
+        return h.hexdigest()
+    if isinstance(data, h5py.File):
+        return digest(data)
+    with open_sits(data) as f:
+        return digest(f)
+
+
+def _data_compression(f: h5py.File) -> dict:
+    """The data file's own compression (its conversion settings), as h5py keywords."""
+    try:
+        spec = json.loads(_text(f.attrs.get("conversion_settings", "{}"))).get("compression", "zstd")
+    except json.JSONDecodeError:
+        spec = "zstd"
+    return compression_options(spec)
+
+
+class PredictionWriter:
+    """Writes one prediction file atomically (``<out>.partial``, renamed by `close`).
+
+    with PredictionWriter(out, data_path, model="stcln", checkpoint="checkpoints/run") as w:
+        w.write(key, semantic [H, W], probs [K, H, W] or None)
+    An exception inside the block removes the partial file and leaves no output.
+    """
+
+    def __init__(self, out: str | os.PathLike, data_path: str | os.PathLike, *, model: str, checkpoint: str,
+                 overwrite: bool = False):
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
+        if self.out.is_dir():
+            raise UserFacingError(f"{self.out}: output path is a directory")
+        if self.out.exists() and not overwrite:
+            raise UserFacingError(f"{self.out}: output exists; pass overwrite (--overwrite) to replace it")
+        if not self.out.parent.exists():
+            raise UserFacingError(f"{self.out.parent}: output directory does not exist")
+        self.data_path = Path(data_path)
+        self.data = open_sits(self.data_path)
+        a = self.data.attrs
+        self.class_names = [_text(c) for c in a["class_names"]]
+        self.num_classes = int(a["num_classes"])
+        self.compression = _data_compression(self.data)
+        self.partial.unlink(missing_ok=True)
+        self.file = h5py.File(self.partial, "w")
+        self.file.attrs.update({
+            "kind": KIND, "format_version": FORMAT_VERSION, "model": str(model), "checkpoint": str(checkpoint),
+            "data_file": str(self.data_path.resolve()), "data_sha": data_index_sha(self.data),
+            "class_names": self.class_names, "num_classes": self.num_classes,
+            "ignore_index": int(a["ignore_index"]), "sitskit_version": sitskit.__version__,
+        })
+        self.keys: list[str] = []
+
+    def write(self, key: str, semantic, probs=None) -> None:
+        """semantic: [H, W] integer class indices; probs: [K, H, W] float or None (numpy or torch)."""
+        key = str(key)
+        if f"patches/{key}" not in self.data:
+            raise UserFacingError(f"{self.data_path}: no patch {key!r} to predict for")
+        if f"patches/{key}" in self.file:
+            raise UserFacingError(f"{self.out}: patch {key!r} written twice")
+        truth_shape = self.data[f"patches/{key}/semantic"].shape
+        semantic = _numpy(semantic)
+        if semantic.shape != truth_shape:
+            raise UserFacingError(f"{self.out}: patch {key!r}: prediction {semantic.shape} vs data {truth_shape}")
+        if semantic.size and (semantic.min() < 0 or semantic.max() >= self.num_classes):
+            raise UserFacingError(f"{self.out}: patch {key!r}: class index outside 0..{self.num_classes - 1}")
+        group = self.file.create_group(f"patches/{key}")
+        group.create_dataset("semantic", data=semantic.astype(np.uint8), **self.compression)
+        if probs is not None:
+            probs = _numpy(probs)
+            if probs.shape != (self.num_classes, *truth_shape):
+                raise UserFacingError(f"{self.out}: patch {key!r}: probs {probs.shape} vs "
+                                      f"{(self.num_classes, *truth_shape)}")
+            group.create_dataset("probs", data=probs.astype(np.float16), **self.compression)
+        src = self.data[f"patches/{key}"].attrs
+        for name in PATCH_ATTRS:
+            if name in src:
+                group.attrs[name] = src[name]
+        self.keys.append(key)
+
+    def close(self) -> Path:
+        self.file.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.file.attrs["n_patches"] = len(self.keys)
+        self.file.close()
+        self.data.close()
+        os.replace(self.partial, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        for f in (self.file, self.data):
+            try:
+                f.close()
+            except Exception:  # already closed
+                pass
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> "PredictionWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def write_predictions(out, data_path, items: Iterable[tuple[str, np.ndarray, np.ndarray | None]], *,
+                      model: str, checkpoint: str, overwrite: bool = False) -> Path:
+    """Write (key, semantic [H, W], probs [K, H, W] | None) items; returns the final path."""
+    with PredictionWriter(out, data_path, model=model, checkpoint=checkpoint, overwrite=overwrite) as w:
+        for key, semantic, probs in items:
+            w.write(key, semantic, probs)
+    return w.out
+
+
+def _open_predictions(path: Path) -> h5py.File:
+    if not path.exists():
+        raise UserFacingError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise UserFacingError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    if _text(f.attrs.get("kind", "")) != KIND:
+        f.close()
+        raise UserFacingError(f"{path}: not a sitskit prediction file (kind is not {KIND!r})")
+    if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
+        v = f.attrs.get("format_version")
+        f.close()
+        raise UserFacingError(f"{path}: prediction format version {v} is newer than this sitskit ({FORMAT_VERSION})")
+    return f
+
+
+def _check_against_data(path: Path, f: h5py.File, data_path: Path, check_sha: bool) -> None:
+    with open_sits(data_path) as d:
+        ours = [_text(c) for c in f.attrs["class_names"]]
+        theirs = [_text(c) for c in d.attrs["class_names"]]
+        if ours != theirs:
+            raise UserFacingError(f"{path}: class names {ours} do not match those of {data_path} ({theirs})")
+        missing = [k for k in f.get("patches", {}) if k not in d["patches"]]
+        if missing:
+            raise UserFacingError(f"{path}: {len(missing)} patch key(s) not in {data_path}, e.g. {missing[0]!r}")
+        if check_sha and _text(f.attrs["data_sha"]) != data_index_sha(d):
+            raise UserFacingError(f"{path}: was written for another data file than {data_path} (index hash differs)")
+
+
+def read_predictions(path: str | os.PathLike, data_path: str | os.PathLike | None = None, *,
+                     keys: Sequence[str] | None = None, with_probs: bool = True,
+                     check_sha: bool = True) -> tuple[dict, Iterator[tuple[str, np.ndarray, np.ndarray | None]]]:
+    """Validate a prediction file and iterate over it.
+
+    With `data_path`, the class names, patch keys and (check_sha) the data file's index hash must match.
+    keys: only these patches (all must be present), in this order; default: all, in file order.
+    Returns (file attributes, iterator of (key, semantic uint8 [H, W], probs float16 [K, H, W] | None)).
+    """
+    path = Path(path)
+    with _open_predictions(path) as f:
+        attrs = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in f.attrs.items()}
+        attrs["class_names"] = [_text(c) for c in attrs["class_names"]]
+        present = list(f.get("patches", {}))
+        if data_path is not None:
+            _check_against_data(path, f, Path(data_path), check_sha)
+    if keys is not None:
+        keys = [str(k) for k in keys]
+        absent = [k for k in keys if k not in present]
+        if absent:
+            raise UserFacingError(f"{path}: no prediction for patch {absent[0]!r} ({len(absent)} missing)")
+    order = keys if keys is not None else present
+
+    def iterate():
+        with h5py.File(path, "r") as f:
+            for key in order:
+                g = f["patches"][key]
+                probs = g["probs"][()] if with_probs and "probs" in g else None
+                yield key, g["semantic"][()], probs
+    return attrs, iterate()
+
+
+def score_predictions(pred_path: str | os.PathLike, data_path: str | os.PathLike, protocol: str = "sitskit",
+                      keys: Sequence[str] | None = None, *, exclude_background: bool = False,
+                      check_sha: bool = True) -> dict:
+    """Score a prediction file against the data file's `semantic` maps (compute_metrics + n_patches)."""
+    _, items = read_predictions(pred_path, data_path, keys=keys, with_probs=False, check_sha=check_sha)
+    with open_sits(data_path) as d:
+        names = [_text(c) for c in d.attrs["class_names"]]
+        options = protocol_options(d.attrs)
+        meter = ConfusionMeter(len(names))
+        n_patches = 0
+        for key, semantic, _ in items:
+            truth = d[f"patches/{key}/semantic"][()]
+            if truth.shape != semantic.shape:
+                raise UserFacingError(f"{pred_path}: patch {key!r}: prediction {semantic.shape} vs "
+                                      f"data {truth.shape}")
+            meter.update(torch.from_numpy(semantic.astype(np.int64)), torch.from_numpy(truth.astype(np.int64)))
+            n_patches += 1
+    metrics = compute_metrics(meter.confusion, names, protocol, exclude_background=exclude_background, **options)
+    metrics["n_patches"] = n_patches
+    return metrics
