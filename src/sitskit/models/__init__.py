@@ -5,6 +5,7 @@
     logits = model(x, dates, pad_mask)          # x [B,T,C,H,W] -> [B,K,H,W]
 """
 from sitskit.models import ltae, stcln, utae  # noqa: F401  (importing registers the models)
+from sitskit.models import ablations, fcn_lstm, fpn, recurrent, stenn, unet3d  # noqa: F401,E402  (model zoo)
 from sitskit.models.registry import (
     build,
     from_pretrained,
