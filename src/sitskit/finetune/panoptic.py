@@ -73,7 +73,7 @@ class PanopticMeter:
             void = st == self.void_label
             if bool(void.any()):
                 void_inst = torch.where(void, it, torch.zeros_like(it))
-                iou, pred_ids, void_ids = pair_iou(ip, void_inst)
+                iou, pred_ids, _ = pair_iou(ip, void_inst)
                 drop = pred_ids[(iou > 0.5).any(dim=1)] if iou.numel() else pred_ids[:0]
                 gone = torch.isin(ip, drop) | void
                 ip = torch.where(gone, torch.zeros_like(ip), ip)

@@ -6,6 +6,7 @@
 """
 from sitskit.models import ltae, stcln, utae  # noqa: F401  (importing registers the models)
 from sitskit.models import ablations, fcn_lstm, fpn, recurrent, stenn, unet3d  # noqa: F401,E402  (model zoo)
+from sitskit.models import paps  # noqa: F401  (registers utae_paps, stcln_paps)
 from sitskit.models.registry import (
     build,
     from_pretrained,
