@@ -1,12 +1,18 @@
-"""sitskit.finetune.figures: each figure builds on small inputs, with the expected axes, labels and colours."""
+"""sitskit.finetune.figures: each figure builds on small inputs, with the expected axes, labels, colours."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from sitskit.constants import PASTIS_CLASSES, PASTIS_COLORS
-from sitskit.finetune.figures import (class_colors, confusion_figure, iou_bars_figure, patch_maps_figure,
-                                      patch_rgb, sweep_plot)
+from sitskit.finetune.figures import (
+    class_colors,
+    confusion_figure,
+    iou_bars_figure,
+    patch_maps_figure,
+    patch_rgb,
+    sweep_plot,
+)
 from sitskit.finetune.metrics import compute_metrics
 
 NAMES = ["bg", "a", "b", "void"]
@@ -54,7 +60,8 @@ def test_patch_maps_use_the_class_colours_and_list_present_classes():
     bands = ["B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B11", "B12"]
     rgb = patch_rgb(image, bands)
     assert rgb.shape == (8, 8, 3) and 0 <= rgb.min() and rgb.max() <= 1
-    fig = patch_maps_figure([dict(truth=truth, pred=pred, rgb=rgb, title="p1"), dict(truth=truth, pred=truth)],
+    fig = patch_maps_figure([{"truth": truth, "pred": pred, "rgb": rgb, "title": "p1"},
+                             {"truth": truth, "pred": truth}],
                             PASTIS_CLASSES, ignore=[3])
     assert len(fig.axes) == 8
     cmap = fig.axes[1].get_images()[0].get_cmap()
@@ -73,7 +80,8 @@ def test_class_colors_fallbacks():
 
 def test_sweep_plot_mean_and_sd_over_seeds():
     rows = [{"method": m, "share": s, "seed": seed, "mIoU": base + s + 0.01 * seed}
-            for m, base in (("scratch", 0.1), ("pretrained", 0.2)) for s in (0.01, 0.1, 1.0) for seed in range(3)]
+            for m, base in (("scratch", 0.1), ("pretrained", 0.2))
+            for s in (0.01, 0.1, 1.0) for seed in range(3)]
     rows.append({"method": "scratch", "share": 1.0, "seed": 9, "mIoU": None})  # failed run: skipped
     fig = sweep_plot(rows, "share", "mIoU", "method")
     ax = fig.axes[0]
@@ -81,8 +89,8 @@ def test_sweep_plot_mean_and_sd_over_seeds():
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.1 + s + 0.01 for s in (0.01, 0.1, 1.0)])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["scratch (n=3)", "pretrained (n=3)"]
     # categorical x (cut-off dates) keeps the given order
-    rows = [{"cut": c, "seed": s, "OA": i + s} for i, c in enumerate(["2017-04-01", "2017-06-01", "2017-05-01"])
-            for s in range(2)]
+    cuts = ["2017-04-01", "2017-06-01", "2017-05-01"]
+    rows = [{"cut": c, "seed": s, "OA": i + s} for i, c in enumerate(cuts) for s in range(2)]
     ax = sweep_plot(rows, "cut", "OA").axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2017-04-01", "2017-06-01", "2017-05-01"]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.5, 1.5, 2.5])

@@ -49,7 +49,8 @@ def test_sitskit_exclude_background():
     m = compute_metrics(C3, NAMES3, "sitskit", ignore=[2], background=0, exclude_background=True)
     assert m["n_pixels"] == 10 and m["OA"] == pytest.approx(0.6)
     assert m["per_class"]["crop"] == {"IoU": pytest.approx(0.6), "F1": pytest.approx(0.75),
-                                      "precision": pytest.approx(1.0), "recall": pytest.approx(0.6), "support": 10}
+                                      "precision": pytest.approx(1.0), "recall": pytest.approx(0.6),
+                                      "support": 10}
     assert list(m["per_class"]) == ["crop"] and m["mIoU"] == pytest.approx(0.6)
     assert m["kappa"] == pytest.approx(0.0)  # po = pe = 0.6
 

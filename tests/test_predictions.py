@@ -11,8 +11,14 @@ import torch
 
 from sitskit.errors import UserFacingError
 from sitskit.finetune.metrics import compute_metrics, protocol_options
-from sitskit.finetune.predictions import (KIND, PredictionWriter, data_index_sha, read_predictions,
-                                          score_predictions, write_predictions)
+from sitskit.finetune.predictions import (
+    KIND,
+    PredictionWriter,
+    data_index_sha,
+    read_predictions,
+    score_predictions,
+    write_predictions,
+)
 
 
 def truth_maps(data_path) -> dict[str, np.ndarray]:
@@ -70,7 +76,7 @@ def test_round_trip_copies_arrays_and_attributes(pastis_h5, tmp_path):
 
 def test_mtlcc_geotransform_is_copied(mtlcc_h5, tmp_path):
     truth = truth_maps(mtlcc_h5)
-    key = sorted(truth)[0]
+    key = min(truth)
     out = write_predictions(tmp_path / "m.h5", mtlcc_h5, [(key, truth[key], None)], model="m", checkpoint="c")
     with h5py.File(out) as f, h5py.File(mtlcc_h5) as d:
         np.testing.assert_array_equal(f["patches"][key].attrs["geotransform"],
@@ -80,7 +86,7 @@ def test_mtlcc_geotransform_is_copied(mtlcc_h5, tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(pastis_h5, tmp_path):
     truth = truth_maps(pastis_h5)
-    key = sorted(truth)[0]
+    key = min(truth)
     out = tmp_path / "pred.h5"
     write_predictions(out, pastis_h5, [(key, truth[key], None)], model="a", checkpoint="c")
     with pytest.raises(UserFacingError, match="exists"):
@@ -91,12 +97,12 @@ def test_existing_output_is_refused_unless_overwrite(pastis_h5, tmp_path):
 
 def test_failed_write_leaves_nothing(pastis_h5, tmp_path):
     truth = truth_maps(pastis_h5)
-    key = sorted(truth)[0]
+    key = min(truth)
     out = tmp_path / "pred.h5"
-    with pytest.raises(UserFacingError, match="no patch 'nope'"):
-        with PredictionWriter(out, pastis_h5, model="a", checkpoint="c") as w:
-            w.write(key, truth[key])
-            w.write("nope", truth[key])
+    with (pytest.raises(UserFacingError, match="no patch 'nope'"),
+          PredictionWriter(out, pastis_h5, model="a", checkpoint="c") as w):
+        w.write(key, truth[key])
+        w.write("nope", truth[key])
     assert not out.exists() and not (tmp_path / "pred.h5.partial").exists()
     with PredictionWriter(out, pastis_h5, model="a", checkpoint="c") as w:
         with pytest.raises(UserFacingError, match="prediction"):
@@ -121,7 +127,7 @@ def test_reader_refusals(pastis_h5, mtlcc_h5, tmp_path):
         read_predictions(out, keys=["zzz"])
     fewer = shutil.copy(pastis_h5, tmp_path / "fewer.h5")
     with h5py.File(fewer, "r+") as f:
-        del f["patches"][sorted(truth)[-1]]
+        del f["patches"][max(truth)]
     with pytest.raises(UserFacingError, match=f"not in {fewer}"):
         read_predictions(out, fewer)
     other = shutil.copy(pastis_h5, tmp_path / "other.h5")

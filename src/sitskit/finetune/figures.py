@@ -8,8 +8,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sitskit.constants import PASTIS_CLASSES, PASTIS_COLORS
+from sitskit.constants import PASTIS_CLASSES, PASTIS_COLORS, REFLECTANCE_SCALE
 from sitskit.viz import true_color
+
+ERROR_COLORS = [(0.75, 0.75, 0.75), (0.2, 0.65, 0.3), (0.85, 0.15, 0.15)]  # not scored, correct, wrong
 
 
 def _plt():
@@ -89,7 +91,8 @@ def iou_bars_figure(metrics: dict, class_colors_rgb=None, title: str | None = No
     return fig
 
 
-def patch_rgb(image, band_names: Sequence[str], date_index: int | None = None, scale: float = 10000) -> np.ndarray:
+def patch_rgb(image, band_names: Sequence[str], date_index: int | None = None,
+              scale: float = REFLECTANCE_SCALE) -> np.ndarray:
     """True-colour [H, W, 3] of one date of a raw (not normalised) [T, C, H, W] series with bands B4 B3 B2;
     default date: the middle one."""
     image = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
@@ -124,19 +127,21 @@ def patch_maps_figure(patches: Sequence[dict], class_names: Sequence[str], class
         row[2].imshow(pred, cmap=cmap, vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
         err = np.where(truth == pred, 1, 2)
         err[np.isin(truth, list(ignore))] = 0
-        row[3].imshow(err, cmap=ListedColormap([(0.75, 0.75, 0.75), (0.2, 0.65, 0.3), (0.85, 0.15, 0.15)]),
+        row[3].imshow(err, cmap=ListedColormap(ERROR_COLORS),
                       vmin=-0.5, vmax=2.5, interpolation="nearest")
         scored = err > 0
         acc = float((err[scored] == 1).mean()) if scored.any() else float("nan")
         name = p.get("title", "")
-        for ax, t in zip(row, [f"{name} RGB" if rgb is not None else f"{name} (no RGB)", "truth", "prediction",
-                               f"errors (accuracy {acc:.1%})"]):
+        titles = [f"{name} RGB" if rgb is not None else f"{name} (no RGB)", "truth", "prediction",
+                  f"errors (accuracy {acc:.1%})"]
+        for ax, t in zip(row, titles):
             ax.set_title(t, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    handles = [Patch(facecolor=colors[c], edgecolor="0.3", label=class_names[c]) for c in sorted(present) if c < k]
-    handles += [Patch(facecolor=(0.2, 0.65, 0.3), label="correct"), Patch(facecolor=(0.85, 0.15, 0.15), label="wrong"),
-                Patch(facecolor=(0.75, 0.75, 0.75), label="not scored")]
+    handles = [Patch(facecolor=colors[c], edgecolor="0.3", label=class_names[c])
+               for c in sorted(present) if c < k]
+    handles += [Patch(facecolor=col, label=label) for col, label in
+                ((ERROR_COLORS[1], "correct"), (ERROR_COLORS[2], "wrong"), (ERROR_COLORS[0], "not scored"))]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.80, 0.5), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 0.80, 1))
     return fig

@@ -8,7 +8,7 @@ vanish and the patch border, which only border windows see, is still defined.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -18,7 +18,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tens
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
     """Start offsets of windows of `window` px along an axis of `size` px with fractional `overlap`; the last
     window ends exactly at `size`, so every pixel is covered. Requires window <= size."""
-    stride = max(1, int(round(window * (1 - overlap))))
+    stride = max(1, round(window * (1 - overlap)))
     starts = list(range(0, size - window + 1, stride))
     if starts[-1] != size - window:
         starts.append(size - window)

@@ -13,8 +13,8 @@ Summing confusions over batches, processes or folds therefore gives exactly the 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,12 @@ class ConfusionMeter:
         self.confusion.zero_()
 
     @torch.no_grad()
-    def update(self, pred: torch.Tensor, target: torch.Tensor, valid_mask: torch.Tensor | None = None) -> None:
+    def update(self, pred: torch.Tensor, target: torch.Tensor,
+               valid_mask: torch.Tensor | None = None) -> None:
         """pred, target: integer [B, H, W] or [N] (same shape); valid_mask: bool, same shape, True = count.
 
-        Target values outside [0, K) (e.g. a -1 crop padding) are skipped; a prediction outside [0, K) is a bug
-        of the caller and raises ValueError.
+        Target values outside [0, K) (e.g. a -1 crop padding) are skipped; a prediction outside [0, K) is a
+        bug of the caller and raises ValueError.
         """
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -166,8 +167,8 @@ def compute_metrics(confusion, class_names: Sequence[str], protocol: str = "sits
                     exclude_background: bool = False, dataset: str | None = None) -> dict:
     """Metrics of a raw [K, K] confusion (rows = truth, columns = prediction; tensor, array or lists).
 
-    ignore: excluded class indices (PASTIS [19], MTLCC [0]); background: PASTIS 0 (stcln drops it, sitskit with
-    `exclude_background`); dataset: "pastis" / "mtlcc" (needed by stcln). `protocol_options(attrs)` reads
+    ignore: excluded class indices (PASTIS [19], MTLCC [0]); background: PASTIS 0 (stcln drops it, sitskit
+    with `exclude_background`); dataset: "pastis" / "mtlcc" (needed by stcln). `protocol_options(attrs)` reads
     all three from a data file's attributes.
 
     Returns {OA, mIoU, mF1, kappa, per_class: {name: {IoU, F1, precision, recall, support}}, confusion (the
@@ -240,7 +241,8 @@ def protocol_options(attrs) -> dict:
     def ints(name):
         return [int(v) for v in np.atleast_1d(attrs.get(name, []))]
     dataset = attrs.get("dataset")
-    dataset = dataset.decode() if isinstance(dataset, bytes) else (str(dataset) if dataset is not None else None)
+    if isinstance(dataset, bytes):
+        dataset = dataset.decode()
     backgrounds = ints("background_ids")
     return {"ignore": ints("void_ids"), "background": backgrounds[0] if backgrounds else None,
             "dataset": dataset}

@@ -2,8 +2,9 @@
 
 One HDF5 file per prediction run, keyed exactly like the data file (docs/hdf5_format.md)::
 
-    /                        attrs: kind = "sitskit-predictions", format_version, model, checkpoint, data_file,
-                             data_sha, class_names, num_classes, ignore_index, created, sitskit_version
+    /                        attrs: kind = "sitskit-predictions", format_version, model, checkpoint,
+                             data_file, data_sha, class_names, num_classes, ignore_index, created,
+                             sitskit_version, n_patches
     /patches/<key>/semantic  uint8 [H, W]       class index of the data file
     /patches/<key>/probs     float16 [K, H, W]  optional
     /patches/<key>           attrs: the data file patch group's georeferencing (id, fold, footprint, ...)
@@ -17,8 +18,9 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -28,6 +30,9 @@ import sitskit
 from sitskit.data_prep.h5schema import PARTIAL_SUFFIX, compression_options, open_sits
 from sitskit.errors import UserFacingError
 from sitskit.finetune.metrics import ConfusionMeter, compute_metrics, protocol_options
+
+if TYPE_CHECKING:
+    from typing import Self  # Python >= 3.11; annotations are not evaluated
 
 KIND = "sitskit-predictions"
 FORMAT_VERSION = 1
@@ -93,7 +98,8 @@ class PredictionWriter:
         self.partial.unlink(missing_ok=True)
         self.file = h5py.File(self.partial, "w")
         self.file.attrs.update({
-            "kind": KIND, "format_version": FORMAT_VERSION, "model": str(model), "checkpoint": str(checkpoint),
+            "kind": KIND, "format_version": FORMAT_VERSION,
+            "model": str(model), "checkpoint": str(checkpoint),
             "data_file": str(self.data_path.resolve()), "data_sha": data_index_sha(self.data),
             "class_names": self.class_names, "num_classes": self.num_classes,
             "ignore_index": int(a["ignore_index"]), "sitskit_version": sitskit.__version__,
@@ -110,7 +116,8 @@ class PredictionWriter:
         truth_shape = self.data[f"patches/{key}/semantic"].shape
         semantic = _numpy(semantic)
         if semantic.shape != truth_shape:
-            raise UserFacingError(f"{self.out}: patch {key!r}: prediction {semantic.shape} vs data {truth_shape}")
+            raise UserFacingError(f"{self.out}: patch {key!r}: prediction {semantic.shape} vs "
+                                  f"data {truth_shape}")
         if semantic.size and (semantic.min() < 0 or semantic.max() >= self.num_classes):
             raise UserFacingError(f"{self.out}: patch {key!r}: class index outside 0..{self.num_classes - 1}")
         group = self.file.create_group(f"patches/{key}")
@@ -137,13 +144,11 @@ class PredictionWriter:
 
     def abort(self) -> None:
         for f in (self.file, self.data):
-            try:
+            if f.id.valid:
                 f.close()
-            except Exception:  # already closed
-                pass
         self.partial.unlink(missing_ok=True)
 
-    def __enter__(self) -> "PredictionWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -179,7 +184,8 @@ def _open_predictions(path: Path) -> h5py.File:
     if int(f.attrs.get("format_version", -1)) > FORMAT_VERSION:
         v = f.attrs.get("format_version")
         f.close()
-        raise UserFacingError(f"{path}: prediction format version {v} is newer than this sitskit ({FORMAT_VERSION})")
+        raise UserFacingError(f"{path}: prediction format version {v} is newer than this sitskit "
+                              f"({FORMAT_VERSION})")
     return f
 
 
@@ -191,14 +197,17 @@ def _check_against_data(path: Path, f: h5py.File, data_path: Path, check_sha: bo
             raise UserFacingError(f"{path}: class names {ours} do not match those of {data_path} ({theirs})")
         missing = [k for k in f.get("patches", {}) if k not in d["patches"]]
         if missing:
-            raise UserFacingError(f"{path}: {len(missing)} patch key(s) not in {data_path}, e.g. {missing[0]!r}")
+            raise UserFacingError(f"{path}: {len(missing)} patch key(s) not in {data_path}, "
+                                  f"e.g. {missing[0]!r}")
         if check_sha and _text(f.attrs["data_sha"]) != data_index_sha(d):
-            raise UserFacingError(f"{path}: was written for another data file than {data_path} (index hash differs)")
+            raise UserFacingError(f"{path}: was written for another data file than {data_path} "
+                                  "(index hash differs)")
 
 
 def read_predictions(path: str | os.PathLike, data_path: str | os.PathLike | None = None, *,
                      keys: Sequence[str] | None = None, with_probs: bool = True,
-                     check_sha: bool = True) -> tuple[dict, Iterator[tuple[str, np.ndarray, np.ndarray | None]]]:
+                     check_sha: bool = True
+                     ) -> tuple[dict, Iterator[tuple[str, np.ndarray, np.ndarray | None]]]:
     """Validate a prediction file and iterate over it.
 
     With `data_path`, the class names, patch keys and (check_sha) the data file's index hash must match.
@@ -243,8 +252,10 @@ def score_predictions(pred_path: str | os.PathLike, data_path: str | os.PathLike
             if truth.shape != semantic.shape:
                 raise UserFacingError(f"{pred_path}: patch {key!r}: prediction {semantic.shape} vs "
                                       f"data {truth.shape}")
-            meter.update(torch.from_numpy(semantic.astype(np.int64)), torch.from_numpy(truth.astype(np.int64)))
+            meter.update(torch.from_numpy(semantic.astype(np.int64)),
+                         torch.from_numpy(truth.astype(np.int64)))
             n_patches += 1
-    metrics = compute_metrics(meter.confusion, names, protocol, exclude_background=exclude_background, **options)
+    metrics = compute_metrics(meter.confusion, names, protocol, exclude_background=exclude_background,
+                              **options)
     metrics["n_patches"] = n_patches
     return metrics
