@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import errno
+import functools
+import gc
+import json
 import os
 import re
 import signal
+import sys
 from pathlib import Path
 
 import h5py
@@ -177,6 +180,20 @@ def check_output_location(out: Path) -> None:
         raise OutputWriteError(f"cannot write {out}: {os.strerror(errno.EACCES)}")
 
 
+def _writes(method):
+    """H5Writer methods: an OSError (ENOSPC, EROFS, EACCES, …) becomes one OutputWriteError line."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            self._write_failed()
+            reason = os_error_reason(exc)
+        # Raised outside the except block: the failed call's frames (h5py objects) are released first.
+        raise OutputWriteError(f"cannot write {self.out}: {reason}")
+    return wrapper
+
+
 def iso_dates(dates: list[_dt.date]) -> np.ndarray:
     return np.array([d.isoformat().encode() for d in dates], dtype="S10")
 
@@ -196,20 +213,14 @@ class H5Writer:
         if self.partial.exists() and not (resume or force):
             raise UserFacingError(f"{self.partial}: an interrupted conversion of {self.out} is there; pass "
                                   "--resume to continue it or --force to start over")
-        self.resumed = False
+        self.resumed, self.failed, self.keep_on_failure = False, False, resume
         if resume and self.partial.exists():
             self.file = self._reopen()
             self.resumed = True
         else:
             if resume:
                 print(f"note: no interrupted conversion at {self.partial}; starting from scratch")
-            with self.writing():
-                self.partial.unlink(missing_ok=True)  # --force: start over
-                # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
-                # that a killed run leaves set, which would make the partial file unopenable for --resume.
-                self.file = h5py.File(self.partial, "w", track_order=False)
-                self.file.attrs["conversion_settings"] = self.settings
-                self.file.attrs["complete"] = 0
+            self._create()
         self.patches = self.file.require_group("patches")
         self._committed = 0
         hook, _, sig = os.environ.get(KILL_HOOK_ENV, "").partition(":")
@@ -220,31 +231,53 @@ class H5Writer:
         try:
             f = h5py.File(self.partial, "r+")
         except OSError as exc:
-            raise UserFacingError(f"{self.partial}: cannot reopen the interrupted conversion ({exc}); "
-                                  "start again with --force") from exc
+            raise UserFacingError(f"{self.partial}: cannot reopen the interrupted conversion "
+                                  f"({os_error_reason(exc)}); start over with --force (without --resume)") from None
         started_with = f.attrs.get("conversion_settings")
         if started_with != self.settings:
             f.close()
             raise UserFacingError(
                 f"{self.partial}: was started with different settings ({started_with}, now "
                 f"{self.settings}); resume with the same options or use --force")
-        for key in list(f.get("patches", {})):
-            if not f["patches"][key].attrs.get("complete", 0):
-                del f["patches"][key]  # interrupted mid-patch: redo it
+        try:
+            for key in list(f.get("patches", {})):
+                if not f["patches"][key].attrs.get("complete", 0):
+                    del f["patches"][key]  # interrupted mid-patch: redo it
+        except (OSError, KeyError, RuntimeError) as exc:  # e.g. cut short by a full disk mid-write
+            with contextlib.suppress(Exception):
+                f.close()
+            reason = str(exc).strip("'\"").splitlines()[0]
+            raise UserFacingError(f"{self.partial}: the interrupted conversion is damaged ({reason}); start "
+                                  "over with --force (without --resume)") from None
         return f
 
-    @contextlib.contextmanager
-    def writing(self):
-        """Turn an OSError while writing (ENOSPC, EROFS, EACCES, …) into one OutputWriteError line."""
+    @_writes
+    def _create(self) -> None:
+        self.partial.unlink(missing_ok=True)  # --force: start over
+        # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
+        # that a killed run leaves set, which would make the partial file unopenable for --resume.
+        self.file = h5py.File(self.partial, "w", track_order=False)
         try:
-            yield
-        except OSError as exc:
-            raise OutputWriteError(f"cannot write {self.out}: {os_error_reason(exc)}") from None
+            self.file.attrs["conversion_settings"] = self.settings
+            self.file.attrs["complete"] = 0
+        except OSError:
+            self.abort()
+            raise
+
+    def _write_failed(self) -> None:
+        """A write failed (typically a full disk). Unless the partial file is kept for --resume, empty it at
+        once: that frees the space, so the writes HDF5 still makes while closing succeed into a file we are
+        about to delete (on a full disk they fail again and again, and h5py ends in a segfault)."""
+        self.failed = True
+        if not self.keep_on_failure:
+            with contextlib.suppress(OSError):
+                os.truncate(self.partial, 0)
 
     def done_keys(self) -> set[str]:
         return set(self.patches.keys())
 
     # ----------------------------------------------------------------------------------- writing
+    @_writes
     def write_root_attrs(self, attrs: dict) -> None:
         for k, v in attrs.items():
             self.file.attrs[k] = v
@@ -252,6 +285,7 @@ class H5Writer:
         self.file.attrs["format_version"] = FORMAT_VERSION
         self.file.attrs["tool_version"] = tool_version()
 
+    @_writes
     def write_array(self, where: str, name: str, arr: np.ndarray, *, chunk_dates: bool = False,
                     compress: bool = True) -> None:
         """Write one dataset; `chunk_dates` chunks [T, C, H, W] arrays one date per chunk."""
@@ -264,8 +298,10 @@ class H5Writer:
         kwargs = dict(self.compression) if compress and arr.size and arr.ndim else {}
         if chunk_dates and arr.size:
             kwargs["chunks"] = (1, *arr.shape[1:])
-        group.create_dataset(name, data=arr, **kwargs)
+        # flush now: a write that fails (full disk) must fail here, not later when the object is released
+        group.create_dataset(name, data=arr, **kwargs).flush()
 
+    @_writes
     def write_patch(self, key: str, sats: dict[str, dict], arrays: dict[str, np.ndarray],
                     attrs: dict) -> None:
         """One patch: per-sat series {'data', 'dates': list[date], 'day', 'doy', 'year'} + label maps."""
@@ -298,6 +334,7 @@ class H5Writer:
             self._kill_after = None  # once (SIGINT is survivable)
             os.kill(os.getpid(), self._kill_signal)
 
+    @_writes
     def finalize(self, index: dict[str, np.ndarray], provenance: dict) -> Path:
         """Write the index, mark complete, close and rename <out>.partial -> <out>."""
         for key in list(self.patches):  # stray debris from a killed run never reaches the final file
@@ -316,9 +353,16 @@ class H5Writer:
         return self.out
 
     def abort(self, keep_partial: bool = False) -> None:
-        """Close; remove the temp file unless it should stay for --resume (interrupt)."""
-        with contextlib.suppress(Exception):  # already closed / broken: the file is dropped anyway
-            self.file.close()
+        """Close; remove the temp file unless it should stay for --resume (interrupt, failed write)."""
+        hook = sys.unraisablehook
+        if self.failed:  # h5py reports each metadata write that fails again while closing as "ignored"
+            sys.unraisablehook = lambda _: None
+        try:
+            with contextlib.suppress(Exception):  # already closed / broken: the file is dropped anyway
+                self.file.close()
+            gc.collect()
+        finally:
+            sys.unraisablehook = hook
         if not keep_partial:
             self.partial.unlink(missing_ok=True)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from sitskit.errors import UserFacingError
 
-from .h5schema import H5Writer, precompress
+from .h5schema import H5Writer, OutputWriteError, os_error_reason, precompress
 
 
 class PatchError(Exception):
@@ -69,7 +69,7 @@ def _results(plan: Plan, todo: list[tuple[str, object]], workers: int, compressi
     """Yield (key, PatchRecord | PatchError) in plan order; at most 2*workers patches in flight."""
     if workers <= 0:
         for key, args in todo:
-            yield key, _safe_read(plan.read, key, args)
+            yield key, _safe_read(plan.read, key, args, compression)
         return
     with ProcessPoolExecutor(max_workers=workers, initializer=_init_reader) as pool:
         pending: deque = deque()
@@ -124,14 +124,25 @@ def run(plan: Plan, out: str | os.PathLike, *, source: str, workers: int = 0, re
             raise UserFacingError(f"{source}: every patch was skipped, nothing to write")
         index = build_index(writer, kept, plan.index_fields)
         report = out.with_name(out.name + ".skipped.json")
-        report.unlink(missing_ok=True)
+        try:
+            report.unlink(missing_ok=True)
+            if skipped:
+                report.write_text(json.dumps([{"what": w, "why": y} for w, y in skipped], indent=1))
+        except OSError as exc:
+            report.unlink(missing_ok=True)
+            raise OutputWriteError(f"cannot write {report}: {os_error_reason(exc)}") from None
         if skipped:
-            report.write_text(json.dumps([{"what": w, "why": y} for w, y in skipped], indent=1))
             print(f"skipped {len(skipped)} bad item(s); see {report}")
         path = writer.finalize(index, {"source_path": str(Path(source).resolve())})
     except KeyboardInterrupt:
         writer.abort(keep_partial=True)
         print(f"interrupted; continue later with --resume ({writer.partial} kept)")
+        raise
+    except OutputWriteError as exc:  # full disk, read-only or no permission: nothing disk-filling stays
+        writer.abort(keep_partial=resume)
+        if resume:
+            raise OutputWriteError(f"{exc}; {writer.partial} kept: free space, then run again with "
+                                   "--resume") from None
         raise
     except BaseException:
         writer.abort(keep_partial=False)
