@@ -109,3 +109,16 @@ def test_bad_arguments():
         predict_patch(fn, image, dates, pad_mask, num_classes=K + 1)
     with pytest.raises(ValueError, match=r"\[1, T, C, H, W\]"):
         predict_patch(fn, image[0], dates, pad_mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sliding_on_cuda_with_bf16_model():
+    conv = torch.nn.Conv2d(C, K, 1).cuda()
+
+    def fn(x, d, m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return conv(x.mean(1))
+    image, dates, pad_mask = (t.cuda() for t in inputs(64, 64))
+    out = predict_patch(fn, image, dates, pad_mask, window=32, overlap=0.5)
+    assert out.device.type == "cuda" and out.dtype == torch.float32
+    torch.testing.assert_close(out, predict_patch(fn, image, dates, pad_mask), atol=2e-2, rtol=0)

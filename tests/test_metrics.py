@@ -185,3 +185,13 @@ def test_protocol_options_from_data_file_attributes(pastis_h5, mtlcc_h5):
         assert protocol_options(f.attrs) == {"ignore": [19], "background": 0, "dataset": "pastis"}
     with h5py.File(mtlcc_h5) as f:
         assert protocol_options(f.attrs) == {"ignore": [0], "background": None, "dataset": "mtlcc"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_meter_on_cuda_equals_cpu():
+    rng = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 4, (2, 16, 16), generator=rng), torch.randint(0, 4, (2, 16, 16), generator=rng)
+    cpu, gpu = ConfusionMeter(4), ConfusionMeter(4, device="cuda")
+    cpu.update(pred, target)
+    gpu.update(pred.cuda(), target.cuda())
+    assert gpu.confusion.device.type == "cuda" and gpu.confusion.cpu().tolist() == cpu.confusion.tolist()
