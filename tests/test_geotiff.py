@@ -173,12 +173,12 @@ def test_patch_windows_cover_the_area_and_split_by_block():
     for w in wins:
         covered[w.row:w.row + 32, w.col:w.col + 32] = True
     assert covered.all()
-    splits = P.spatial_block_split(wins, 48, seed=3)
+    splits = P.spatial_block_split(wins, 24, seed=3)
     blocks = {}
     for w, s in zip(wins, splits):
-        blocks.setdefault((w.row // 48, w.col // 48), set()).add(s)
+        blocks.setdefault((w.row // 24, w.col // 24), set()).add(s)
     assert all(len(v) == 1 for v in blocks.values())  # a block never mixes splits
-    assert splits == P.spatial_block_split(wins, 48, seed=3)  # seeded
+    assert splits == P.spatial_block_split(wins, 24, seed=3)  # seeded
     assert sorted(set(splits)) == ["test", "train", "val"]  # 6 blocks: 4 / 1 / 1
     with pytest.raises(UserFacingError, match="larger than"):
         P.patch_windows(20, 70, 32)
