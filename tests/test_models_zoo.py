@@ -265,3 +265,11 @@ def test_stenn_chunking_and_checkpointing_do_not_change_results():
         model(x, dates, pad_mask).sum().backward()
         grads.append(model.spatial_encoder.blocks[0].convs[0][0].weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_ablation_options_are_checked_by_build():
+    assert build("utae_skip_mean", mode="reference").agg_mode == "mean"
+    with pytest.raises(UserFacingError, match="agg_mode"):  # fixed by the variant: not a valid option
+        build("utae_skip_mean", agg_mode="att_group")
+    with pytest.raises(UserFacingError, match="encoder_norms"):
+        build("utae_batchnorm", encoder_norms="group")

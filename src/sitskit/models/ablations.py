@@ -11,6 +11,8 @@ The first three are `UTAE` with one option fixed (every other U-TAE option is ac
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -20,22 +22,27 @@ from sitskit.models.stenn import PASTIS_REFERENCE_DOY, calendar_doy
 from sitskit.models.utae import UTAE, ConvBlock, DownConvBlock, UpConvBlock
 
 
-@register_model("utae_skip_mean")
-def utae_skip_mean(**kwargs) -> UTAE:
-    """U-TAE whose skip connections are the mean over the valid dates."""
-    return UTAE(agg_mode="mean", **kwargs)
+def _utae_variant(fixed: dict, doc: str):
+    """A UTAE factory with the options in `fixed` set; its signature (checked by `build`) is UTAE's minus them."""
+
+    def factory(**kwargs) -> UTAE:
+        clash = sorted(set(kwargs) & set(fixed))
+        if clash:
+            raise ValueError(f"option(s) {clash} are fixed by this variant ({fixed})")
+        return UTAE(**fixed, **kwargs)
+
+    params = [p for name, p in inspect.signature(UTAE).parameters.items() if name not in fixed]
+    factory.__signature__ = inspect.Signature(params, return_annotation=UTAE)
+    factory.__doc__ = doc
+    return factory
 
 
-@register_model("utae_mean_attention")
-def utae_mean_attention(**kwargs) -> UTAE:
-    """U-TAE whose skip connections use the L-TAE attention averaged over heads."""
-    return UTAE(agg_mode="att_mean", **kwargs)
-
-
-@register_model("utae_batchnorm")
-def utae_batchnorm(**kwargs) -> UTAE:
-    """U-TAE with a BatchNorm (instead of GroupNorm) spatial encoder."""
-    return UTAE(encoder_norm="batch", **kwargs)
+utae_skip_mean = register_model("utae_skip_mean")(_utae_variant(
+    {"agg_mode": "mean"}, "U-TAE whose skip connections are the mean over the valid dates."))
+utae_mean_attention = register_model("utae_mean_attention")(_utae_variant(
+    {"agg_mode": "att_mean"}, "U-TAE whose skip connections use the L-TAE attention averaged over heads."))
+utae_batchnorm = register_model("utae_batchnorm")(_utae_variant(
+    {"encoder_norm": "batch"}, "U-TAE with a BatchNorm (instead of GroupNorm) spatial encoder."))
 
 
 def nearest_doy_index(doy: torch.Tensor, target: int, pad_mask: torch.Tensor | None) -> torch.Tensor:

@@ -95,7 +95,7 @@ class STENN(nn.Module):
     def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 doy: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(x, dates, pad_mask, self.in_channels, "stenn")
-        b, t, _, h, w = x.shape
+        b, _, _, h, w = x.shape
         feats = apply_to_valid_frames(self.spatial_encoder, x, pad_mask)  # [B, T, D, H, W], pads 0
         positions = calendar_doy(dates, self.reference_doy) if doy is None else doy
         feats = feats + self.position_encoding(positions)[:, :, :, None, None]
