@@ -134,6 +134,20 @@ def test_padding_changes_nothing(name):
     torch.testing.assert_close(batched[:1], full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["unet3d", "fcn_lstm", "uconvlstm", "fpn_convlstm", "utae_single_date"])
+def test_padding_changes_nothing_in_train_mode(name):
+    """BatchNorm batch statistics ignore padded dates: one series alone vs padded to 8 dates (3 -> 8 also
+    changes unet3d's internal length from 4 to 8 steps)."""
+    torch.manual_seed(0)
+    model = build(name, in_channels=10, num_classes=5).train()
+    x, dates, _ = make_batch(t=8)
+    pad_mask = torch.zeros(1, 8, dtype=torch.bool)
+    pad_mask[0, 3:] = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:1], dates[:1], pad_mask), model(x[:1, :3], dates[:1, :3]),
+                                   atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["stenn", "convgru", "unet3d", "fcn_lstm"])
 def test_backward_reaches_all_parameters(name):
     model = build(name, in_channels=10, num_classes=5).train()
@@ -175,7 +189,7 @@ def test_gru_cell_with_closed_update_gate_keeps_state():
     torch.testing.assert_close(out, h)
 
 
-def test_bidirectional_differs_from_forward_only():
+def test_recurrent_unet_depends_on_date_order():
     torch.manual_seed(0)
     bi = build("ubiconvlstm", in_channels=10, num_classes=4).eval()
     x, dates, _ = make_batch(t=3)
