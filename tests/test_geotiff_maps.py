@@ -166,9 +166,10 @@ def test_instance_polygons_are_exact_and_kept_once(scene, tmp_path):
     assert len(table) > 5 and (tmp_path / "inst.gpkg").exists()
     np.testing.assert_allclose(table.geometry.area, table["n_pixels"] * 100.0)  # 10 m pixels, exact outlines
     assert table.crs.to_epsg() == 32631
-    # no instance is reported by two patches: owners' centroids are distinct
-    cents = {(round(g.centroid.x), round(g.centroid.y)) for g in table.geometry}
-    assert len(cents) == len(table)
+    # every parcel once: as many polygons as declared parcels, and none overlaps another
+    assert len(table) == len(gpd.read_file(sim / "parcels.gpkg"))
+    geoms = list(table.geometry)
+    assert all(geoms[i].intersection(geoms[j]).area == 0 for i in range(len(geoms)) for j in range(i))
 
 
 def test_simulate_cli_writes_the_geotiff_format(tmp_path, capsys):

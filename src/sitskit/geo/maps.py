@@ -323,8 +323,9 @@ def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Map
 
     instances: key -> instance ids [H, W] (0 = none); classes: key -> class index [H, W] (an instance's
     class is the majority over its pixels); scores: optional key -> {instance id: score}. An instance
-    seen by several overlapping patches is kept once, from the patch in which its centroid lies farthest
-    from the border (the centre-crop rule of the map). Columns: patch, instance, pred_index, pred_class,
+    seen by several overlapping patches is reported once: polygons of different patches that share
+    area are views of one parcel and are merged (union; patch, instance, class and score of the largest
+    view, n_pixels of the union). Columns: patch, instance, pred_index, pred_class,
     score, n_pixels, geometry. Written to out_gpkg (layer "parcels") if given; returns the GeoDataFrame.
     """
     gpd = require("geopandas")
@@ -346,14 +347,11 @@ def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Map
             pieces.setdefault(int(value), []).append(shape(geom))
         for iid, parts in sorted(pieces.items()):
             mask = inst == iid
-            ys, xs = np.nonzero(mask)
-            cy, cx = r + ys.mean(), c + xs.mean()
-            if _owner(lay, cy, cx) != key:
-                continue
             top = int(np.bincount(np.asarray(cls)[mask].astype(np.int64)).argmax())
             score = float(scores[key].get(iid, np.nan)) if scores is not None and key in scores else np.nan
             rows.append({"patch": key, "instance": iid, "pred_index": top, "pred_class": lay.class_names[top],
                          "score": score, "n_pixels": int(mask.sum()), "geometry": unary_union(parts)})
+    rows = _merge_views(rows, abs(a * e - b * d))
     table = gpd.GeoDataFrame(rows, geometry="geometry", crs=lay.crs) if rows else gpd.GeoDataFrame(
         {"patch": [], "instance": [], "pred_index": [], "pred_class": [], "score": [], "n_pixels": []},
         geometry=[], crs=lay.crs)
@@ -362,15 +360,35 @@ def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Map
     return table
 
 
-def _owner(lay: AreaLayout, cy: float, cx: float) -> str | None:
-    """Key of the patch holding pixel (cy, cx) farthest from its border."""
-    best, owner = -1.0, None
-    for key, (r, c, h, w) in lay.windows.items():
-        if r <= cy < r + h and c <= cx < c + w:
-            dist = min(cy - r, r + h - 1 - cy, cx - c, c + w - 1 - cx)
-            if dist > best:
-                best, owner = dist, key
-    return owner
+def _merge_views(rows: list[dict], pixel_area: float) -> list[dict]:
+    """Union the polygons of different patches that share area (connected components of the overlap graph)."""
+    from shapely import STRtree
+    from shapely.ops import unary_union
+    if not rows:
+        return rows
+    geoms = [row["geometry"] for row in rows]
+    parent = list(range(len(rows)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(*STRtree(geoms).query(geoms)):
+        if i < j and rows[i]["patch"] != rows[j]["patch"] and geoms[i].intersection(geoms[j]).area > 0:
+            parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(rows)):
+        groups.setdefault(root(i), []).append(i)
+    merged = []
+    for members in groups.values():
+        best = dict(rows[max(members, key=lambda m: rows[m]["n_pixels"])])
+        if len(members) > 1:
+            best["geometry"] = unary_union([geoms[m] for m in members])
+            best["n_pixels"] = int(round(best["geometry"].area / pixel_area))
+        merged.append(best)
+    return sorted(merged, key=lambda row: (row["patch"], row["instance"]))
 
 
 def plot_map(map_tif, out_png, parcels=None, title: str | None = None) -> Path:
@@ -390,12 +408,13 @@ def plot_map(map_tif, out_png, parcels=None, title: str | None = None) -> Path:
     rgb = np.zeros((*cls.shape, 3), np.uint8)
     for i in np.unique(cls):
         rgb[cls == i] = cmap.get(int(i), (128, 128, 128, 255))[:3] if i != NODATA else (200, 200, 200)
-    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 6.5), dpi=110)
     ax.imshow(rgb, extent=extent, interpolation="nearest")
     if parcels is not None:
         gpd = require("geopandas")
         gdf = parcels if isinstance(parcels, gpd.GeoDataFrame) else gpd.read_file(parcels)
-        gdf.to_crs(crs).boundary.plot(ax=ax, color="black", linewidth=0.6)
+        # white: the black background borders between parcels would hide black outlines
+        gdf.to_crs(crs).boundary.plot(ax=ax, color="white", linewidth=0.7)
     present = [int(i) for i in np.unique(cls) if i != NODATA]
     ax.legend(handles=[Patch(color=np.array(cmap[i][:3]) / 255, label=names[i]) for i in present],
               loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
@@ -406,6 +425,6 @@ def plot_map(map_tif, out_png, parcels=None, title: str | None = None) -> Path:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     out = Path(out_png)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
