@@ -12,12 +12,18 @@ import sys
 from sitskit.errors import UserFacingError
 
 
+def program_name() -> str:
+    """What the user typed: "data_prep.py", "sitskit-data-prep" (the console script) or the module."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m sitskit.data_prep.cli" if name in ("", "-c", "cli.py", "__main__.py") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sitskit.data_prep import commands as prep_commands
     from sitskit.simulate import cli as simulate_cli
 
     parser = argparse.ArgumentParser(
-        prog="data_prep.py",
+        prog=program_name(),
         description="Simulate SITS datasets in their real on-disk formats, inspect them, and convert "
                     "PASTIS / MTLCC to one HDF5 file.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -26,10 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_stdout() -> None:
+    """The reader of our stdout left (`… | head`): send the rest to /dev/null, no BrokenPipeError."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # --help or a usage error, already printed: flush it here, where a closed pipe is caught
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _quiet_stdout()
+        raise
     try:
         result = args.func(args)
+        sys.stdout.flush()
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -37,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `data_prep.py info f.h5 | head`: the reader left, not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return 0
     return int(result or 0)
 

@@ -386,7 +386,21 @@ def open_sits(path: str | os.PathLike) -> h5py.File:
     if not int(f.attrs.get("complete", 0)):
         f.close()
         raise UserFacingError(f"{path}: incomplete conversion")
+    missing = missing_parts(f, attrs=("dataset", "sats"), index_fields=("key",))
+    if missing:
+        f.close()
+        raise UserFacingError(f"{path}: damaged sitskit file: missing {missing}")
     return f
+
+
+def missing_parts(f: h5py.File, attrs: tuple[str, ...] = (), index_fields: tuple[str, ...] = ()) -> str:
+    """'' when every listed root attribute and /index field is there, else what is missing (one phrase)."""
+    gone = [f"attribute {a!r}" for a in attrs if a not in f.attrs]
+    if index_fields and not isinstance(f.get("index"), h5py.Group):
+        gone.append("group /index")
+    else:
+        gone += [f"/index/{k}" for k in index_fields if k not in f["index"]]
+    return ", ".join(gone)
 
 
 def h5_differences(a: str | os.PathLike, b: str | os.PathLike,

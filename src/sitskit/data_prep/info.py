@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .h5schema import open_sits
+from sitskit.errors import UserFacingError
+
+from .h5schema import missing_parts, open_sits
 
 
 def _s(v) -> str:
@@ -18,6 +20,13 @@ def summarize(path: str | os.PathLike) -> str:
     """Patches per fold/split/year, classes with pixel counts, series lengths, bands, size on disk."""
     path = Path(path)
     with open_sits(path) as f:
+        sats = [_s(s) for s in f.attrs["sats"]]
+        missing = missing_parts(f, ("format_version", "class_names", "ignore_index",
+                                    *[f"bands_{s}" for s in sats]),
+                                ("height", "width", "class_pixels",
+                                 *[f"n_dates_{s}" for s in sats]))
+        if missing:
+            raise UserFacingError(f"{path}: damaged sitskit file: missing {missing}")
         a = dict(f.attrs)
         idx = {k: f["index"][k][()] for k in f["index"]}
     lines = [(f"{path}  ({a['dataset']}, sitskit format v{a['format_version']}, "
@@ -27,12 +36,14 @@ def summarize(path: str | os.PathLike) -> str:
              f"patches: {len(idx['key'])}  size: "
              + ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(Counter(zip(idx['height'], idx['width'])).items()))]
     for field in ("fold", "split", "year"):
+        if field not in idx:
+            continue
         values = [_s(v) for v in idx[field]]
         if field == "fold" and a["dataset"] == "mtlcc" or field == "split" and a["dataset"] == "pastis":
             continue
         counts = Counter(values)
         lines.append(f"per {field}: " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
-    for sat in a["sats"]:
+    for sat in sats:
         t = idx[f"n_dates_{sat}"]
         bands = [_s(b) for b in a[f"bands_{sat}"]]
         lines.append(f"{sat}: {len(bands)} bands {' '.join(bands)}; dates per series min {t.min()} / "

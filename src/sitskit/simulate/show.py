@@ -194,6 +194,11 @@ def show(root, patch: int | str, out, year: int | None = None) -> Path:
     if not root.is_dir():
         raise UserFacingError(f"{root}: no such directory")
     patch = patch if patch == "first" else int(patch)
+    blocking = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocking is not None:
+        raise UserFacingError(f"--out {out}: {blocking} is a file, not a folder")
+    if out.is_dir():
+        raise UserFacingError(f"--out {out}: is a directory; give a .png file name")
     try:
         if (root / "metadata.geojson").exists():
             view = _load_pastis(root, patch)
@@ -202,7 +207,7 @@ def show(root, patch: int | str, out, year: int | None = None) -> Path:
     except (OSError, ValueError, KeyError, IndexError) as exc:  # missing/corrupt file or field
         raise UserFacingError(f"{root}: cannot read patch {patch} ({type(exc).__name__}: {exc})") from None
     try:
-        _figure(view, out)
+        _figure(view, out)  # creates missing parent folders
     except OSError as exc:
         raise UserFacingError(f"--out {out}: cannot write the figure ({exc.strerror or exc})") from None
     return out
