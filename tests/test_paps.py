@@ -358,3 +358,37 @@ def test_stcln_paps_forward_and_pretrained_encoder(tmp_path):
     out = model(x, dates, zones=batch["zones"])
     PaPsLoss()(out, batch)["loss"].backward()
     assert model.pyramid.downs[-1].conv[0].weight.grad is not None
+
+
+def sequential_pseudo_nms(masks, confidence, min_confidence, min_remain):
+    """The reference's loop: by decreasing confidence, paste free pixels if > min_remain of the mask is free."""
+    h, w = masks.shape[1:]
+    inst = torch.zeros(h, w, dtype=torch.int64)
+    next_id = 1
+    for k in torch.argsort(confidence, descending=True, stable=True).tolist():
+        if confidence[k] < min_confidence:
+            break
+        m = masks[k] > 0.4
+        total = int(m.sum())
+        if total == 0:
+            continue
+        free = m & (inst == 0)
+        if int(free.sum()) == total or int(free.sum()) / total > min_remain:
+            inst[free] = next_id
+            next_id += 1
+    return inst
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pseudo_nms_matches_the_sequential_loop(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, h, w = 40, 16, 16
+    masks = torch.zeros(n, h, w)
+    for k in range(n):  # random rectangles
+        r, c = torch.randint(0, h, (2,), generator=g).tolist(), torch.randint(0, w, (2,), generator=g).tolist()
+        masks[k, min(r):max(r) + 1, min(c):max(c) + 1] = 1.0
+    confidence = torch.rand(n, generator=g).tolist()
+    model = build("utae_paps", **TINY).eval()
+    out = model.combine(detections(masks, confidence, [1] * n), 1, h, w)
+    want = sequential_pseudo_nms(masks, torch.tensor(confidence), 0.2, 0.5)
+    assert torch.equal(out["pano_instance"][0], want)

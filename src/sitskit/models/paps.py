@@ -238,58 +238,64 @@ class PaPs(nn.Module):
         min_confidence dropped); an instance overlapping earlier ones keeps its free pixels only if they are
         more than `min_remain` of its mask, else it is dropped.
 
-        The sequential rule is solved exactly without a loop over centres: "occupied before n" is a cumulative
-        OR over the accepted instances, and decisions are iterated to their fixed point (decision n depends on
-        decisions < n only, so every pass fixes at least one more; a few passes in practice).
+        The sequential rule is solved exactly without a loop over centres, on the list of pasted pixels
+        (instance k, pixel p) sorted by pixel then instance: the accepted instances < k covering p are an
+        exclusive prefix count within p's run, and the accept decisions are iterated to their fixed point
+        (decision k depends on decisions < k only, so every pass fixes at least one more; a few in practice).
         """
         dev = det["confidence"].device
-        pano_instance = torch.zeros(b, h, w, dtype=torch.int64, device=dev)
+        pano_instance = torch.zeros(b, h * w, dtype=torch.int64, device=dev)
         pano_semantic = torch.zeros(b, self.num_classes, h, w, dtype=det["class_logits"].dtype, device=dev)
         classes, scores = [], []
         threshold = float(self.min_confidence)
         for img in range(b):
             sel = torch.nonzero((det["centres"][:, 0] == img) & (det["confidence"] >= threshold)).squeeze(1)
             sel = sel[det["confidence"][sel].argsort(descending=True, stable=True)]
-            binary = self._paste(det, sel, h, w)  # [n, H*W] bool
-            accepted = self._accept(binary)
-            kept = binary[accepted]
-            first = kept & (kept.int().cumsum(0) == 1)  # pixel owned by the first accepted instance covering it
-            ids = torch.arange(1, kept.shape[0] + 1, device=dev)
-            inst = (first.long() * ids[:, None]).sum(0).view(h, w)
-            pano_instance[img] = inst
+            k, pix = self._pasted_pixels(det, sel, w)
+            accepted, owner = self._accept(k, pix, sel.numel())
+            ids = torch.cumsum(accepted.long(), 0)  # id of accepted instance k = its rank among the accepted
+            pano_instance[img, pix[owner]] = ids[k[owner]]
             logits = det["class_logits"][sel][accepted]  # [n_kept, K]
+            inst = pano_instance[img].view(h, w)
             covered = inst > 0
             pano_semantic[img][:, covered] = logits[inst[covered] - 1].T
             classes.append(logits.argmax(1) if logits.numel() else logits.new_zeros(0, dtype=torch.int64))
             scores.append(det["confidence"][sel][accepted])
+        pano_instance = pano_instance.view(b, h, w)
         pano_class = pano_semantic.argmax(1) * (pano_instance > 0)
         return {"pano_instance": pano_instance, "pano_semantic": pano_semantic, "pano_class": pano_class,
                 "instance_class": classes, "instance_score": scores}
 
-    def _paste(self, det: dict, sel: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Binary masks of the selected centres pasted on the image: [n, H*W] bool."""
-        n = sel.numel()
-        out = torch.zeros(n, h * w, dtype=torch.bool, device=det["confidence"].device)
-        if n == 0:
-            return out
+    def _pasted_pixels(self, det: dict, sel: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(instance rank k, flat image pixel) of every pixel of `mask_prob > mask_threshold` of the selected
+        centres, sorted by pixel, then by k."""
         on = (det["mask_prob"][sel] > self.mask_threshold) & det["box_valid"][sel]
         k, i, j = torch.nonzero(on, as_tuple=True)
         start = det["box_start"][sel]
-        out[k, (start[k, 0] + i) * w + start[k, 1] + j] = True
-        return out
+        pix = (start[k, 0] + i) * w + start[k, 1] + j
+        order = torch.argsort(pix * max(sel.numel(), 1) + k)
+        return k[order], pix[order]
 
-    def _accept(self, binary: torch.Tensor) -> torch.Tensor:
-        total = binary.sum(1)
+    def _accept(self, k: torch.Tensor, pix: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> accepted [n] bool, owner [P] bool (the entry is its pixel's first accepted instance)."""
+        total = torch.bincount(k, minlength=n)
+        run_start = torch.ones_like(pix, dtype=torch.bool)
+        run_start[1:] = pix[1:] != pix[:-1]
+        first_index = torch.cummax(torch.where(run_start, torch.arange(pix.numel(), device=pix.device), 0), 0)[0] \
+            if pix.numel() else pix
         accepted = total > 0
-        for _ in range(binary.shape[0] + 1):
-            claimed = (binary & accepted[:, None]).int().cumsum(0)
-            before = claimed - (binary & accepted[:, None]).int()  # accepted instances < n covering the pixel
-            new = (binary & (before == 0)).sum(1)
+        free = torch.ones_like(pix, dtype=torch.bool)
+        for _ in range(n + 1):
+            a = accepted[k].long()
+            inclusive = torch.cumsum(a, 0)
+            before = inclusive - a - (inclusive[first_index] - a[first_index])  # accepted < k on this pixel
+            free = before == 0
+            new = torch.bincount(k[free], minlength=n)
             ok = (total > 0) & ((new == total) | (new.float() / total.clamp(min=1).float() > self.min_remain))
             if torch.equal(ok, accepted):
                 break
             accepted = ok
-        return accepted
+        return accepted, free & accepted[k]
 
 
 def zone_centres(heatmap: torch.Tensor, zones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
