@@ -14,6 +14,8 @@ import pytest
 
 rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
+# rasterio with affine >= 3 warns about `*` on its own transforms
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 from rasterio.transform import from_origin  # noqa: E402
 from shapely.geometry import Point, Polygon, box  # noqa: E402
 

@@ -9,6 +9,8 @@ import pytest
 
 rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
+# rasterio with affine >= 3 warns about `*` on its own transforms
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 import shapely  # noqa: E402
 
 from sitskit.constants import PASTIS_CLASSES, PASTIS_VOID  # noqa: E402
@@ -178,3 +180,32 @@ def test_simulate_cli_writes_the_geotiff_format(tmp_path, capsys):
     tifs = sorted(out.glob("S2_*.tif"))
     assert 38 <= len(tifs) <= 61 and (out / "parcels.gpkg").exists() and (out / "crop_codes.csv").exists()
     assert data_prep(["simulate", "--format", "geotiff", "--size", "32", "--out", str(out)]) == 2  # not empty
+
+
+def test_export_maps_from_a_predictions_file_with_recorded_parcels(scene, tmp_path):
+    sim, h5 = scene
+    probs, preds = random_outputs(h5, seed=2)
+    pred_file = tmp_path / "pred.h5"
+    with h5py.File(pred_file, "w") as f:  # the layout of docs/predictions.md
+        for k in preds:
+            f[f"patches/{k}/semantic"] = preds[k].astype(np.uint8)
+            f[f"patches/{k}/probs"] = probs[k].astype(np.float16)
+    got = maps.export_maps(h5, tmp_path / "map.tif", predictions_h5=pred_file, parcels_out=tmp_path / "parcels.gpkg")
+    assert got["probs"].exists() and got["parcels"].exists()
+    table = gpd.read_file(got["parcels"])
+    assert len(table) == len(gpd.read_file(sim / "parcels.gpkg"))  # the layer recorded at conversion
+    assert set(table.columns) >= {"pred_class", "pred_share", "confidence", "declared_class", "agree"}
+    assert ((table["confidence"] > 0) & (table["confidence"] <= 1)).all()
+
+
+def test_unlabelled_region_is_pretrain_only(scene, tmp_path):
+    from sitskit.data.datasets import build_dataset
+    from sitskit.errors import UserFacingError
+    sim, _ = scene
+    out = tmp_path / "u.h5"
+    assert data_prep(["geotiff", "--images", str(sim), "--out", str(out), "--patch-size", "32"]) == 0
+    with h5py.File(out, "r") as f:
+        assert f.attrs["has_labels"] == 0 and (f["patches/r000000_c000000/semantic"][()] == 1).all()
+    assert len(build_dataset(out, task="pretrain")) == 4
+    with pytest.raises(UserFacingError, match="only task 'pretrain'"):
+        build_dataset(out, task="semantic")

@@ -65,13 +65,12 @@ def _read_patch(args: dict) -> PatchRecord:
         arrays.update(L.patch_targets(pid, dict(zip(ids, cls)), dict(zip(ids, area)), args["void"]))
     elif args["label_raster"] is not None:
         arrays.update(L.raster_targets(_read_label_window(args, row, col, size), args["void"]))
-    if "semantic" in arrays:
-        sem = arrays["semantic"]
+    else:  # unlabelled: an all-void map keeps the schema (prediction writers size their output on it)
+        arrays["semantic"] = np.full((size, size), args["void"], np.uint8)
+    if "parcel_ids" in arrays:
         n_parcel = int(len(np.unique(arrays["instances"])) - 1)
         cover = round(float((arrays["parcel_ids"] != 0).mean()), 4)
-        class_pixels = np.bincount(sem.reshape(-1).astype(np.int64), minlength=n_classes)
-    else:
-        class_pixels = np.zeros(n_classes, np.int64)
+    class_pixels = np.bincount(arrays["semantic"].reshape(-1).astype(np.int64), minlength=n_classes)
     attrs = {"id": int(args["id"]), "fold": 0, "split": args["split"], "year": int(dates[-1].year),
              "tile": args["tile"], "row": int(row), "col": int(col),
              "geotransform": np.array(transform, np.float64), "crs": args["crs"],
@@ -188,6 +187,9 @@ def plan_geotiff(images, *, dates_csv=None, date_regex=None, bands=None, cloud_m
 def convert_geotiff(images, out, *, workers=0, resume=False, skip_bad=False, force=False,
                     compression="zstd", **options) -> Path:
     """Convert a scene stack (+ labels) into one HDF5 file; returns its path. Options: see plan_geotiff."""
+    for name in ("labels", "class_map", "label_raster", "dates_csv"):  # absolute: predict reads them later
+        if options.get(name):
+            options[name] = str(Path(options[name]).resolve())
     plan = plan_geotiff(images, **options)
     settings = {"dataset": "geotiff", "compression": compression, "skip_bad": skip_bad,
                 **{k: (str(v) if v is not None and not isinstance(v, (int, float, list)) else v)

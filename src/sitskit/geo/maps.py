@@ -391,6 +391,67 @@ def _merge_views(rows: list[dict], pixel_area: float) -> list[dict]:
     return sorted(merged, key=lambda row: (row["patch"], row["instance"]))
 
 
+class H5Arrays(Mapping):
+    """Lazy key -> array view of `/patches/<key>/<name>` in an HDF5 file (e.g. a predictions file,
+    docs/predictions.md): arrays are read when the map writer reaches their patch."""
+
+    def __init__(self, f: h5py.File, name: str):
+        self.group, self.name = f["patches"], name
+        self._keys = [k for k in self.group if name in self.group[k]]
+
+    def __getitem__(self, key):
+        return self.group[f"{key}/{self.name}"][()]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def conversion_labels(data_h5) -> dict:
+    """The --labels / --class-field / --class-map a `data_prep.py geotiff` file was converted with."""
+    with open_sits(data_h5) as f:
+        settings = json.loads(_s(f.attrs.get("conversion_settings", "{}")))
+    return {k: settings.get(k) for k in ("labels", "class_field", "class_map")}
+
+
+def export_maps(data_h5, map_tif, *, predictions_h5=None, predictions: Mapping | None = None,
+                probs: Mapping | None = None, parcels_out=None, instances_out=None, instances: Mapping | None = None,
+                parcels=None, class_field: str | None = None, class_map=None, prob_bands: bool = False) -> dict:
+    """Everything `finetune.py predict --geotiff MAP.tif [--parcels OUT.gpkg]` writes, in one call.
+
+    Predictions come from a predictions file (`predictions_h5`: /patches/<key>/semantic and optional
+    probs, docs/predictions.md) or from the `predictions` / `probs` mappings. The parcel table uses
+    `parcels` / `class_field` / `class_map`, by default those the data file was converted with.
+    `instances` (key -> instance ids [H, W]) with `instances_out` writes the predicted parcels.
+    Returns {"map": path, "probs": path or None, "parcels": path or None, "instances": path or None}.
+    """
+    with contextlib.ExitStack() as stack:
+        if predictions_h5 is not None:
+            f = stack.enter_context(h5py.File(predictions_h5, "r"))
+            predictions = H5Arrays(f, "semantic")
+            found = H5Arrays(f, "probs")
+            probs = found if len(found) else None
+        out = write_geotiff_map(map_tif, data_h5, predictions=predictions, probs=probs, prob_bands=prob_bands)
+        result = {"map": out, "probs": probs_path(out) if probs is not None else None, "parcels": None,
+                  "instances": None}
+        if parcels_out is not None:
+            recorded = conversion_labels(data_h5)
+            parcels = parcels or recorded["labels"]
+            if not parcels:
+                raise UserFacingError(f"--parcels {parcels_out}: {data_h5} was converted without --labels; "
+                                      f"give the parcel layer")
+            parcel_table(out, parcels, parcels_out, class_field=class_field or recorded["class_field"],
+                         class_map=class_map or recorded["class_map"])
+            result["parcels"] = Path(parcels_out)
+        if instances_out is not None and instances is not None:
+            classes = predictions if predictions is not None else {k: np.asarray(p).argmax(0) for k, p in probs.items()}
+            instance_polygons(data_h5, instances, classes, out_gpkg=instances_out)
+            result["instances"] = Path(instances_out)
+    return result
+
+
 def plot_map(map_tif, out_png, parcels=None, title: str | None = None) -> Path:
     """Quick-look PNG of a class map (its colour table) with parcel outlines (vector file or GeoDataFrame)."""
     rasterio = require("rasterio")
