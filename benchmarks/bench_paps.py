@@ -41,8 +41,10 @@ class PeakedHeatmapLogits(nn.Module):
         return self.logits.expand(out.shape[0], -1, -1, -1)
 
 
-def make_trained_like(model: nn.Module, h: int, w: int, peaks: int) -> nn.Module:
-    model.heatmap_conv[0] = PeakedHeatmapLogits(h, w, peaks)
+def make_trained_like(model: nn.Module, h: int, w: int, peaks: int | None) -> nn.Module:
+    """peaks=None keeps the untrained heatmap (thousands of centres) but gives it the confident 12x12 masks."""
+    if peaks is not None:
+        model.heatmap_conv[0] = PeakedHeatmapLogits(h, w, peaks)
     last = model.size_mlp[6]
     nn.init.zeros_(last.weight)
     nn.init.constant_(last.bias, 12.0)  # softplus(12) ~ 12 px boxes
@@ -73,12 +75,13 @@ def bench(args) -> list[dict]:
     dates = (torch.arange(args.dates, device=device) * 10)[None].repeat(args.batch, 1)
     cases = [("untrained, max_centres=512 (default)", {"max_centres": 512}, False),
              ("untrained, no cap", {"max_centres": None}, False),
-             (f"trained-like ({args.peaks} centres/patch)", {}, True)]
+             (f"trained-like ({args.peaks} centres/patch)", {}, True),
+             ("worst case: untrained heatmap, no cap, confident 12x12 masks", {"max_centres": None}, "masks")]
     rows = []
     for name, kwargs, trained in cases:
         model = build("utae_paps", **kwargs)
         if trained:
-            make_trained_like(model, args.size, args.size, args.peaks)
+            make_trained_like(model, args.size, args.size, None if trained == "masks" else args.peaks)
         model = model.to(device).eval()
         with torch.inference_mode():
             out, maps = model.features(x, dates, None)

@@ -392,3 +392,14 @@ def test_pseudo_nms_matches_the_sequential_loop(seed):
     out = model.combine(detections(masks, confidence, [1] * n), 1, h, w)
     want = sequential_pseudo_nms(masks, torch.tensor(confidence), 0.2, 0.5)
     assert torch.equal(out["pano_instance"][0], want)
+
+
+def test_save_and_reload_keeps_the_tuned_threshold(tmp_path):
+    from sitskit.models import from_pretrained
+
+    model = build("utae_paps", **TINY, max_centres=100)
+    model.min_confidence.fill_(0.42)
+    save_pretrained(model, tmp_path / "m")
+    again = from_pretrained(tmp_path / "m")
+    assert float(again.min_confidence) == pytest.approx(0.42) and again.max_centres == 100
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
