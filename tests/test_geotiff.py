@@ -16,7 +16,7 @@ rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 # rasterio with affine >= 3 warns about `*` on its own transforms
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-from rasterio.transform import from_origin  # noqa: E402
+from affine import Affine  # noqa: E402
 from shapely.geometry import Point, Polygon, box  # noqa: E402
 
 from sitskit.data.datasets import build_dataset  # noqa: E402
@@ -29,7 +29,7 @@ from sitskit.geo import require  # noqa: E402
 from sitskit.simulate.instances import centerness  # noqa: E402
 
 X0, Y0, RES = 500000.0, 5000000.0, 10.0
-TRANSFORM = from_origin(X0, Y0, RES, RES)
+TRANSFORM = Affine(RES, 0.0, X0, 0.0, -RES, Y0)
 DATES = [dt.date(2019, 3, 1) + dt.timedelta(days=15 * i) for i in range(6)]
 BANDS = ["B2", "B3", "B4"]
 
@@ -263,3 +263,32 @@ def test_missing_geo_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(UserFacingError, match=r"pip install 'sitskit\[geo\]'"):
         require("rasterio")
+
+
+@pytest.mark.slow  # two CLI processes, ~10 s
+def test_killed_conversion_resumes_to_the_same_file(region, region_h5, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    from sitskit.data_prep.h5schema import KILL_HOOK_ENV
+    out = tmp_path / "k.h5"
+    args = [sys.executable, "-m", "sitskit.data_prep.cli", *convert_args(region, out)]
+    env = {**os.environ, KILL_HOOK_ENV: "2.5", "OMP_NUM_THREADS": "1"}  # halfway through the 3rd patch
+    killed = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists() and out.with_name("k.h5.partial").exists()
+    env.pop(KILL_HOOK_ENV)
+    done = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert h5_differences(region_h5, out) == []
+
+
+def test_parcels_in_another_crs_are_reprojected(region, tmp_path):
+    (tmp_path / "scenes").symlink_to(region / "scenes")
+    (tmp_path / "codes.csv").write_text("code,class\nWHT,wheat\nMZ,maize\n")
+    gpd.read_file(region / "parcels.gpkg").to_crs("EPSG:4326").to_file(tmp_path / "parcels.gpkg", driver="GPKG")
+    out = tmp_path / "r.h5"
+    assert data_prep(convert_args(tmp_path, out)) == 0
+    with h5py.File(out, "r") as f:
+        assert (f["patches/r000000_c000000/semantic"][()] == 1).sum() == 150  # edges land back on pixel edges
