@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
-from scipy.ndimage import uniform_filter
 
 from sitskit.data import build_dataset, pad_collate
 from sitskit.models import build
+from sitskit.pretrain.baselines import neighbour_mean, spatial_mean, temporal_interpolation
 from sitskit.pretrain.masking import MaskGenerator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,39 +54,6 @@ def load_model(run_dir: Path) -> torch.nn.Module:
     state = max((run_dir / "state").glob("step_*")) / "model.safetensors"
     model.load_state_dict(load_file(state))
     return model.eval()
-
-
-def temporal_interpolation(x: np.ndarray, hidden: np.ndarray, days: np.ndarray) -> np.ndarray:
-    """x: [T, C, H, W]; hidden: bool [T, H, W]; days: [T]. Per pixel, linear in time over visible dates;
-    pixels with no visible date fall back to the spatial mean of their date."""
-    out = spatial_mean(x, hidden)
-    _, C, H, W = x.shape
-    for i in range(H):
-        for j in range(W):
-            vis = ~hidden[:, i, j]
-            if vis.any() and not vis.all():
-                for c in range(C):
-                    out[:, c, i, j] = np.interp(days, days[vis], x[vis, c, i, j])
-            elif vis.all():
-                out[:, :, i, j] = x[:, :, i, j]
-    return out
-
-
-def neighbour_mean(x: np.ndarray, hidden: np.ndarray, size: int = 3) -> np.ndarray:
-    """Per date and channel, the mean of the visible pixels in the size x size window around each pixel;
-    the crop's spatial mean where the window has no visible pixel."""
-    vis = (~hidden)[:, None].astype(np.float32)
-    win = (1, 1, size, size)
-    num = uniform_filter(x * vis, size=win, mode="constant")
-    den = uniform_filter(np.broadcast_to(vis, x.shape).astype(np.float32), size=win, mode="constant")
-    return np.where(den > 1e-6, num / np.maximum(den, 1e-6), spatial_mean(x, hidden))
-
-
-def spatial_mean(x: np.ndarray, hidden: np.ndarray) -> np.ndarray:
-    """Per date and channel, the mean of the visible pixels (0 = the dataset mean if none is visible)."""
-    vis = (~hidden)[:, None].astype(np.float32)                      # [T, 1, H, W]
-    mean = (x * vis).sum((2, 3)) / np.maximum(vis.sum((2, 3)), 1.0)  # [T, C]
-    return np.broadcast_to(mean[:, :, None, None], x.shape).copy()
 
 
 @torch.no_grad()

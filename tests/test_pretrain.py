@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -195,13 +196,14 @@ def test_ctrl_c_saves_state_and_exits_130(tiny_h5, workdir):
     assert out.returncode == 130, out.stderr[-2000:]
     states = sorted((workdir / "ckpt" / "interrupted" / "state").glob("step_*"))
     assert states[-1].name == "step_00000006"  # saved after the batch in progress, not at save_every
-    assert "resume with" in out.stdout + out.stderr
+    assert "--resume" in out.stdout + out.stderr
 
 
 def test_two_cpu_processes_shard_data_and_agree_on_weights(tiny_h5, workdir):
     dump = workdir / "ddp_dump"
     dump.mkdir()
-    out = launch(workdir, run_args(tiny_h5, "ddp", "--train.max_steps", "4", "--data.batch_size", "1"),
+    out = launch(workdir, run_args(tiny_h5, "ddp", "--train.max_steps", "4", "--data.batch_size", "1",
+                                       "--data.holdout_patches", "0"),
                  {"DUMP_DIR": str(dump)}, processes=2)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = {}
@@ -210,7 +212,7 @@ def test_two_cpu_processes_shard_data_and_agree_on_weights(tiny_h5, workdir):
             if line:
                 epoch, pid = line.split()
                 seen.setdefault((rank, int(epoch)), set()).add(pid)
-    # 5 patches, 2 ranks, batch 1: each epoch has 3 steps per rank (one id repeated to even the shards)
+    # 5 patches (none held out), 2 ranks, batch 1: each epoch has 3 steps per rank (one id repeated to even the shards)
     assert seen[(0, 0)] and seen[(1, 0)]
     assert seen[(0, 0)] != seen[(1, 0)]
     assert len(seen[(0, 0)] | seen[(1, 0)]) == 5  # together the ranks cover the dataset
@@ -221,10 +223,11 @@ def test_two_cpu_processes_shard_data_and_agree_on_weights(tiny_h5, workdir):
 
 
 def test_paper_loop_one_step_per_crop_with_accumulation(tiny_h5, workdir):
-    """5 patches, batch 2 -> 3 batches; 32x32 in 16x16 crops -> 4 micro-batches each; 2 per step -> 6 steps."""
+    """5 patches (none held out), batch 2 -> 3 batches; 32x32 in 16x16 crops -> 4 micro-batches each; 2 per step -> 6 steps."""
     out = launch(workdir, run_args(tiny_h5, "per_crop", "--train.max_steps", "null", "--train.epochs", "1",
                                    "--data.step_per_crop", "true", "--data.step_crop", "16",
-                                   "--optim.grad_accum", "2", "--mask.strategy", "time"))
+                                   "--optim.grad_accum", "2", "--mask.strategy", "time",
+                                   "--data.holdout_patches", "0"))
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = workdir / "ckpt" / "per_crop"
     assert [p.name for p in sorted((run_dir / "state").glob("step_*"))][-1] == "step_00000006"
@@ -236,9 +239,9 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     assert main(["--data.path", str(tmp_path / "missing.h5")]) == 2
     assert "missing.h5 does not exist" in capsys.readouterr().err
     assert main(["--data.path", str(tmp_path / "x.h5"), "--mask.strategy", "pixels"]) == 2
-    assert "mask.strategy must be one of" in capsys.readouterr().err
+    assert "mask.strategy: expected one of time-space, time, space, got pixels" in capsys.readouterr().err
     assert main(["--mask.ratios", "0.4"]) == 2
-    assert "unknown option '--mask.ratios'" in capsys.readouterr().err
+    assert "unrecognized arguments: --mask.ratios" in capsys.readouterr().err
 
 
 def test_an_existing_run_is_never_overwritten_silently(tmp_path, capsys):
@@ -256,3 +259,108 @@ def test_an_existing_run_is_never_overwritten_silently(tmp_path, capsys):
     assert main(args + ["--output.overwrite", "true"]) == 2
     assert "already holds a run" not in capsys.readouterr().err
     assert not old_state.exists()
+
+
+def test_sigterm_saves_marks_mlflow_killed_and_resume_from_the_folder_alone_is_exact(reference_run, tiny_h5,
+                                                                                      workdir):
+    """SIGTERM (Slurm, Kubernetes, `timeout`) saves like Ctrl-C; `--resume RUN_DIR` alone restores the saved
+    config (the run was started with a dozen overrides) and ends with the uninterrupted run's weights."""
+    out = launch(workdir, run_args(tiny_h5, "termed"), {"KILL_AT_STEP": "10", "KILL_SIGNAL": "TERM"})
+    assert out.returncode == 143, out.stderr[-2000:]
+    run_dir = workdir / "ckpt" / "termed"
+    assert sorted((run_dir / "state").glob("step_*"))[-1].name == "step_00000010"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    progress = json.loads((run_dir / "state" / "step_00000010" / "progress.json").read_text())
+    run_id = progress["train_state"]["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    resumed = launch(workdir, ["--resume", "ckpt/termed"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = final_weights(reference_run), final_weights(run_dir)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no duplicate points after the resume
+
+
+def test_resume_refuses_changed_settings_and_never_guesses(reference_run, tiny_h5, workdir):
+    changed = launch(workdir, run_args(tiny_h5, "ref", "--resume", "--optim.lr", "1e-2"))
+    assert changed.returncode == 2
+    assert "cannot change optim.lr: 0.003 -> 0.01" in changed.stderr and "Traceback" not in changed.stderr
+    unnamed = launch(workdir, ["--resume", "--data.path", str(tiny_h5)])
+    assert unnamed.returncode == 2 and "never picks a run" in unnamed.stderr
+
+
+def test_a_pickle_in_a_state_folder_is_refused_and_never_runs(reference_run, tiny_h5, workdir, tmp_path):
+    """Accelerate's custom-state files are unpickled on load; sitskit states hold only safetensors + JSON."""
+    import shutil
+
+    victim = workdir / "ckpt" / "tampered"
+    shutil.copytree(reference_run, victim)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    import pickle
+
+    last = sorted((victim / "state").glob("step_*"))[-1]
+    (last / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
+    out = launch(workdir, ["--resume", "ckpt/tampered", "--train.max_steps", str(STEPS + 2)])
+    assert out.returncode == 2 and "custom_checkpoint_0.pkl" in out.stderr and "never unpickled" in out.stderr
+    assert not marker.exists()
+    # a pickle disguised as the optimiser's JSON/safetensors files is rejected as a corrupt state, not executed
+    (last / "custom_checkpoint_0.pkl").unlink()
+    (last / "optimizer.safetensors").write_bytes(pickle.dumps(Payload()))
+    out = launch(workdir, ["--resume", "ckpt/tampered", "--train.max_steps", str(STEPS + 2)])
+    assert out.returncode == 2 and "corrupt state" in out.stderr and not marker.exists()
+
+
+def test_mixed_precision_comes_from_accelerate_unless_the_config_sets_it(tiny_h5, workdir):
+    out = launch(workdir, run_args(tiny_h5, "bf16", "--train.max_steps", "2"),
+                 {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    client, run = mlflow_run(workdir, workdir / "ckpt" / "bf16")
+    assert run.data.tags["mixed_precision"] == "bf16"
+    fp16 = launch(workdir, run_args(tiny_h5, "fp16", "--train.mixed_precision", "fp16", "--train.cpu", "true"))
+    assert fp16.returncode == 2 and "fp16 needs a GPU" in fp16.stderr
+
+
+def test_mlflow_holds_the_encoder_weights_dataset_and_version(reference_run, workdir, tmp_path):
+    client, run = mlflow_run(workdir, reference_run)
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "encoder")}
+    assert names == {"encoder/config.json", "encoder/model.safetensors"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id)].count("config.yaml") == 1
+    tags = run.data.tags
+    assert tags["sitskit.version"] and len(tags["data.training.sha256_index"]) == 64
+    assert Path(tags["data.training.path"]).is_absolute()
+    assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.digest
+    holdout = client.get_metric_history(run.info.run_id, "holdout/loss")
+    assert holdout and all(m.value > 0 for m in holdout)
+    for key in ("holdout/temporal_interpolation", "holdout/neighbour_mean"):
+        assert client.get_metric_history(run.info.run_id, key)[0].value > 0
+
+
+def test_an_unwritable_output_is_one_line(tiny_h5, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--data.path", str(tiny_h5), "--output.dir", str(blocker), "--output.name", "r",
+                 "--run.tracking", "false"]) == 2
+    assert "cannot write the run folder" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_saving_leaves_nothing_and_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from sitskit.errors import UserFacingError
+    from sitskit.stage.state import atomic_save
+
+    def write(folder):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(UserFacingError, match="No space left on device"):
+        atomic_save(tmp_path / "state", 5, write)
+    assert list((tmp_path / "state").iterdir()) == []

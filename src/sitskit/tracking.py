@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sitskit.config import flatten
+from sitskit.stage.config import flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
@@ -22,28 +22,95 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def start_run(experiment: str, run_name: str, run_id: str | None = None):
-    """Start (or, with `run_id`, resume) a run and return the mlflow.ActiveRun."""
+def start_run(experiment: str, run_name: str, run_id: str | None = None, parent_run_id: str | None = None):
+    """Start (or, with `run_id`, resume) a run and return the mlflow.ActiveRun. `parent_run_id` nests it
+    (a sweep's child). Retried: two runs starting at once on a fresh sqlite store race on its creation."""
+    import random
+    import time
+
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    if run_id is not None:
-        return mlflow.start_run(run_id=run_id)
-    mlflow.set_experiment(experiment)
-    return mlflow.start_run(run_name=run_name)
+    for attempt in range(6):
+        try:
+            if run_id is not None:
+                return mlflow.start_run(run_id=run_id)
+            mlflow.set_experiment(experiment)
+            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+            return mlflow.start_run(run_name=run_name, tags=tags)
+        except Exception as exc:  # sqlite "database is locked" / "table already exists" while another creates it
+            if attempt == 5 or not _is_store_race(exc):
+                raise
+            time.sleep(0.5 + random.random() * 1.5)
+    raise AssertionError("unreachable")
+
+
+def _is_store_race(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in ("locked", "already exists", "unique constraint", "operationalerror",
+                                   "integrityerror"))
+
+
+def last_logged_step(run_id: str, key: str) -> int:
+    """Highest step logged for metric `key` (-1 if none): a resumed run skips what is already there."""
+    import mlflow
+
+    history = mlflow.MlflowClient(tracking_uri()).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
+def log_dataset(path: str | Path, name: str, digest: str, context: str, n_patches: int) -> None:
+    """The data file as an MLflow dataset input: absolute path, name, hash of its /index, size."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = Path(path).resolve()
+    try:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        source = resolve_dataset_source(str(path))
+    except Exception:  # an MLflow without a local-file source: keep the record, without the input
+        source = None
+    if source is not None:
+        mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36]), context=context)
+    mlflow.set_tags({f"data.{context}.path": str(path), f"data.{context}.sha256_index": digest,
+                     f"data.{context}.n_patches": str(n_patches),
+                     f"data.{context}.bytes": str(path.stat().st_size)})
+
+
+def download_run_artifact(uri: str, cache_root: str | Path) -> Path:
+    """`runs:/<id>/<path>` → a local folder (downloaded once into cache_root/<id>/<path>)."""
+    import mlflow
+
+    if not uri.startswith("runs:/"):
+        raise ValueError(uri)
+    run_id, _, sub = uri[len("runs:/"):].partition("/")
+    target = Path(cache_root) / run_id / sub
+    if target.is_dir() and any(target.iterdir()):
+        return target
+    mlflow.set_tracking_uri(tracking_uri())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target.parent))
+    except Exception as exc:
+        from sitskit.errors import UserFacingError
+
+        raise UserFacingError(f"{uri}: cannot download from the MLflow store {tracking_uri()} "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return Path(local)
 
 
 def log_config(cfg: dict) -> None:
     """The full resolved config as flattened params ("optim.lr") plus config.yaml as an artifact."""
     import mlflow
 
-    from sitskit.config import dump_yaml
+    from sitskit.stage.config import dump_yaml
 
     params = {k: _param_value(v) for k, v in flatten(cfg).items()}
     items = list(params.items())
     for i in range(0, len(items), 100):  # log_params accepts at most 100 per call
         mlflow.log_params(dict(items[i:i + 100]))
-    mlflow.log_text(dump_yaml(cfg), "config.yaml")
+    mlflow.log_text(dump_yaml(cfg), "config.yaml")  # the only copy of config.yaml in the run
 
 
 def log_metrics(metrics: dict[str, Any], step: int) -> None:
@@ -66,7 +133,10 @@ def environment_tags() -> dict[str, str]:
     """git commit (+dirty flag), torch/CUDA versions, hardware; set once per run."""
     import torch
 
+    from sitskit import __version__
+
     tags = {
+        "sitskit.version": __version__,
         "git.commit": _git("rev-parse", "HEAD") or "unknown",
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "torch.version": torch.__version__,

@@ -10,29 +10,10 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-
 import torch
 
 from sitskit.pretrain.masking import MaskGenerator, step_generator, step_seed
-
-
-@dataclass
-class TrainState:
-    """Progress saved with the Accelerate state (registered for checkpointing)."""
-    step: int = 0  # optimiser steps done
-    micro: int = 0  # micro-batches done (forward/backward passes)
-    epoch: int = 0  # current epoch
-    batch: int = 0  # batches of the current epoch done
-    mlflow_run_id: str = ""
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "micro": self.micro, "epoch": self.epoch, "batch": self.batch,
-                "mlflow_run_id": self.mlflow_run_id}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in ("step", "micro", "epoch", "batch", "mlflow_run_id"):
-            setattr(self, key, sd[key])
+from sitskit.stage.state import TrainState  # noqa: F401  (re-exported: the state a pre-training run saves)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,3 +159,48 @@ class _Meter:
             out["grad_norm"] = float(grad_norm)
         self.reset()
         return out
+
+
+class HoldoutEvaluator:
+    """Masked MSE on held-out patches with fixed masks, beside two trivial estimates of the same hidden entries
+    (temporal interpolation, 3x3 neighbour mean; docs/experiments.md): a falling loss means something only when
+    it drops below what copying neighbours achieves. Every rank computes it (cheap, a few patches)."""
+
+    def __init__(self, dataset, masker: MaskGenerator, cfg: dict, accelerator):
+        import numpy as np
+
+        from sitskit.data import pad_collate
+        from sitskit.pretrain.baselines import baseline_errors
+
+        self.accelerator = accelerator
+        dataset.set_epoch(0)
+        gen = step_generator(cfg["run"]["seed"], 0, 0, 7)
+        self.items, sums, n = [], {}, 0
+        for i in range(len(dataset)):
+            batch = pad_collate([dataset[i]])
+            mask, _ = masker(batch["image"], batch["pad_mask"], gen)
+            if not mask.any():
+                continue
+            self.items.append((batch, mask))
+            x, hidden = batch["image"][0].numpy(), mask[0].numpy()
+            for name, err in baseline_errors(x, hidden, batch["dates"][0].numpy().astype(np.float64)).items():
+                sums[name] = sums.get(name, 0.0) + err
+            n += int(hidden.sum()) * x.shape[1]
+        self.n = n
+        self.baselines = {name: s / max(n, 1) for name, s in sums.items()}
+
+    @torch.no_grad()
+    def __call__(self, model) -> float:
+        """Masked MSE of `model` over the held-out entries (model put back in train mode)."""
+        if not self.items:
+            return float("nan")
+        model.eval()
+        device, total = self.accelerator.device, 0.0
+        for batch, mask in self.items:
+            x = batch["image"].to(device)
+            with self.accelerator.autocast():
+                pred = model(x, batch["dates"].to(device), batch["pad_mask"].to(device), mask.to(device))
+            m = mask.to(device)[:, :, None].expand_as(x)
+            total += float((pred.float() - x).square()[m].sum())
+        model.train()
+        return total / max(self.n, 1)
