@@ -177,7 +177,8 @@ def check_output_location(out: Path) -> None:
     if out.is_dir():
         raise UserFacingError(f"{out}: output path is a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputWriteError(f"cannot write {out}: {os.strerror(errno.EACCES)}")
+        read_only = os.statvfs(parent).f_flag & os.ST_RDONLY
+        raise OutputWriteError(f"cannot write {out}: {os.strerror(errno.EROFS if read_only else errno.EACCES)}")
 
 
 def _writes(method):
@@ -372,10 +373,12 @@ def open_sits(path: str | os.PathLike) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise UserFacingError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserFacingError(f"{path}: is a directory, not an HDF5 file")
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise UserFacingError(f"{path}: not a readable HDF5 file ({exc})") from exc
+        raise UserFacingError(f"{path}: not a readable HDF5 file ({os_error_reason(exc)})") from None
     if f.attrs.get("format") != FORMAT_NAME:
         f.close()
         raise UserFacingError(f"{path}: not a sitskit HDF5 file (missing format attribute)")
