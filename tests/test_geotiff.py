@@ -16,17 +16,17 @@ rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 # rasterio with affine >= 3 warns about `*` on its own transforms
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-from affine import Affine  # noqa: E402
-from shapely.geometry import Point, Polygon, box  # noqa: E402
+from affine import Affine
+from shapely.geometry import Point, Polygon, box
 
-from sitskit.data.datasets import build_dataset  # noqa: E402
-from sitskit.data_prep.cli import main as data_prep  # noqa: E402
-from sitskit.data_prep.h5schema import h5_differences  # noqa: E402
-from sitskit.errors import UserFacingError  # noqa: E402
-from sitskit.geo import labels as L  # noqa: E402
-from sitskit.geo import patches as P  # noqa: E402
-from sitskit.geo import require  # noqa: E402
-from sitskit.simulate.instances import centerness  # noqa: E402
+from sitskit.data.datasets import build_dataset
+from sitskit.data_prep.cli import main as data_prep
+from sitskit.data_prep.h5schema import h5_differences
+from sitskit.errors import UserFacingError
+from sitskit.geo import labels as L
+from sitskit.geo import patches as P
+from sitskit.geo import require
+from sitskit.simulate.instances import centerness
 
 X0, Y0, RES = 500000.0, 5000000.0, 10.0
 TRANSFORM = Affine(RES, 0.0, X0, 0.0, -RES, Y0)

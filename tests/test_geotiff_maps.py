@@ -11,12 +11,12 @@ rasterio = pytest.importorskip("rasterio")
 gpd = pytest.importorskip("geopandas")
 # rasterio with affine >= 3 warns about `*` on its own transforms
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
-import shapely  # noqa: E402
+import shapely
 
-from sitskit.constants import PASTIS_CLASSES, PASTIS_VOID  # noqa: E402
-from sitskit.data_prep.cli import main as data_prep  # noqa: E402
-from sitskit.geo import maps  # noqa: E402
-from sitskit.simulate.geotiff import CROP_CODES, simulate_geotiff  # noqa: E402
+from sitskit.constants import PASTIS_CLASSES, PASTIS_VOID
+from sitskit.data_prep.cli import main as data_prep
+from sitskit.geo import maps
+from sitskit.simulate.geotiff import CROP_CODES, simulate_geotiff
 
 SIZE, PATCH, STRIDE, K = 64, 32, 24, len(PASTIS_CLASSES)  # patch starts 0, 24, 32 on each axis
 
@@ -118,12 +118,12 @@ def test_stitched_map_grid_and_single_cover_pixels(scene, tmp_path):
 
 
 def test_no_valid_date_is_nodata(scene, tmp_path):
-    sim, h5 = scene
+    _, h5 = scene
     local = tmp_path / "copy.h5"
     local.write_bytes(h5.read_bytes())
     with h5py.File(local, "r+") as f:
         f["patches/r000000_c000000/valid_dates"][0, 0:3] = 0
-    probs, preds = random_outputs(local)
+    probs, _ = random_outputs(local)
     with rasterio.open(maps.write_geotiff_map(tmp_path / "m.tif", local, probs=probs)) as src:
         cls = src.read(1)
         assert src.nodata == 255

@@ -40,7 +40,8 @@ class ClassTable:
 def read_class_map(path: str | Path) -> dict[str, str]:
     """`code,class` rows (a header row naming `code` is skipped) -> agency crop code -> class name."""
     try:
-        rows = list(csv.reader(Path(path).open(newline="", encoding="utf-8")))
+        with Path(path).open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
     except OSError as exc:
         raise UserFacingError(f"--class-map {path}: cannot read it ({exc.strerror})") from None
     out: dict[str, str] = {}
@@ -84,7 +85,7 @@ def read_parcels(path: str | Path, class_field: str, table: ClassTable, crs: str
     gpd = require("geopandas")
     try:
         gdf = gpd.read_file(path)
-    except Exception as exc:  # pyogrio raises its own DataSourceError family
+    except Exception as exc:  # noqa: BLE001  (pyogrio / fiona raise their own error families)
         raise UserFacingError(f"--labels {path}: cannot read it as a vector layer ({exc})") from None
     if len(gdf) == 0:
         raise UserFacingError(f"--labels {path}: the layer has no features")

@@ -123,9 +123,9 @@ def write_geotiff_map(out_tif, data_h5, predictions: Mapping | None = None, prob
     out = Path(out_tif)
     side = probs_path(out)
     tmps = [out.with_name(out.name + ".partial"), side.with_name(side.name + ".partial")]
-    profile = dict(driver="GTiff", height=lay.height, width=lay.width, count=1, dtype="uint8",
-                   crs=lay.crs, transform=lay.affine, nodata=NODATA, compress="deflate", tiled=True,
-                   blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
+    profile = {"driver": "GTiff", "height": lay.height, "width": lay.width, "count": 1, "dtype": "uint8",
+               "crs": lay.crs, "transform": lay.affine, "nodata": NODATA, "compress": "deflate", "tiled": True,
+               "blockxsize": 256, "blockysize": 256, "BIGTIFF": "IF_SAFER"}
     try:
         with contextlib.ExitStack() as stack:
             dst = stack.enter_context(rasterio.open(tmps[0], "w", **profile))
@@ -386,7 +386,7 @@ def _merge_views(rows: list[dict], pixel_area: float) -> list[dict]:
         best = dict(rows[max(members, key=lambda m: rows[m]["n_pixels"])])
         if len(members) > 1:
             best["geometry"] = unary_union([geoms[m] for m in members])
-            best["n_pixels"] = int(round(best["geometry"].area / pixel_area))
+            best["n_pixels"] = round(best["geometry"].area / pixel_area)
         merged.append(best)
     return sorted(merged, key=lambda row: (row["patch"], row["instance"]))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import glob
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,8 @@ def read_dates_csv(csv_path: str | Path) -> dict[str, _dt.date]:
     """`path,date` rows (header optional; date YYYY-MM-DD or YYYYMMDD) -> file name -> date."""
     out: dict[str, _dt.date] = {}
     try:
-        rows = list(csv.reader(Path(csv_path).open(newline="")))
+        with Path(csv_path).open(newline="") as fh:
+            rows = list(csv.reader(fh))
     except OSError as exc:
         raise UserFacingError(f"--dates-csv {csv_path}: cannot read it ({exc.strerror})") from None
     for i, row in enumerate(rows, 1):
@@ -113,7 +115,7 @@ def list_scenes(images, dates_csv=None, date_regex: str | None = None, cloud_mas
         else:
             dated.append((date_from_name(p, regex), p))
     dated.sort()
-    for (d0, p0), (d1, p1) in zip(dated, dated[1:]):
+    for (d0, p0), (d1, p1) in itertools.pairwise(dated):
         if d0 == d1:
             raise UserFacingError(f"{p1}: same date {d1} as {p0}; keep one scene per date")
     masks: dict[_dt.date, Path] = {}
