@@ -156,11 +156,13 @@ needs_tmpfs = pytest.mark.skipif(not shutil.which("unshare") or not _can_mount_t
                                  reason="needs unprivileged user+mount namespaces (unshare) for a small tmpfs")
 
 
-def convert_on_tmpfs(source: Path, mnt: Path, options: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
-    """Run a conversion into <mnt>/out.h5 on a private tmpfs mounted with `options`; returns the process and
-    what was left in the tmpfs (listed before the mount namespace goes away)."""
+def convert_on_tmpfs(source: Path, mnt: Path, options: str, *args: str,
+                     prefill: bool = False) -> tuple[subprocess.CompletedProcess, str]:
+    """Run a conversion into <mnt>/out.h5 on a private tmpfs mounted with `options` (`prefill`: full before
+    the start); returns the process and what was left in the tmpfs (listed before the namespace goes away)."""
     mnt.mkdir()
-    script = ('mount -t tmpfs -o "$0" tmpfs "$MNT" || exit 99; "$@"; rc=$?; echo "LEFT:$(ls -A "$MNT")"; '
+    fill = 'dd if=/dev/zero of="$MNT/fill" bs=4k 2>/dev/null; ' if prefill else ""
+    script = (f'mount -t tmpfs -o "$0" tmpfs "$MNT" || exit 99; {fill}"$@"; rc=$?; echo "LEFT:$(ls -A "$MNT")"; '
               'exit $rc')
     cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, options,
            sys.executable, "-m", "sitskit.data_prep.cli", *convert_args(source, mnt / "out.h5", *args)]
@@ -171,13 +173,13 @@ def convert_on_tmpfs(source: Path, mnt: Path, options: str, *args: str) -> tuple
 
 
 @needs_tmpfs
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_a_really_full_disk_is_one_line_and_frees_the_space(workers, source, tmp_path):
-    # 4 patches of ~0.55 MB each: a 1 MiB file system fills up in the second patch
-    proc, left = convert_on_tmpfs(source, tmp_path / "mnt", "size=1m", "--workers", workers)
+@pytest.mark.parametrize("workers, prefill", [("0", False), ("2", False), ("0", True)])
+def test_a_really_full_disk_is_one_line_and_frees_the_space(workers, prefill, source, tmp_path):
+    # 4 patches of ~0.55 MB each: a 1 MiB file system fills up in the second patch (or is full at the start)
+    proc, left = convert_on_tmpfs(source, tmp_path / "mnt", "size=1m", "--workers", workers, prefill=prefill)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == f"error: cannot write {tmp_path / 'mnt' / 'out.h5'}: No space left on device\n"
-    assert left == ""
+    assert left == ("fill" if prefill else "")
 
 
 @needs_tmpfs

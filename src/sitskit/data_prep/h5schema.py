@@ -257,12 +257,12 @@ class H5Writer:
         self.partial.unlink(missing_ok=True)  # --force: start over
         # Default (earliest) libver on purpose: newer superblocks carry a "file open for write" flag
         # that a killed run leaves set, which would make the partial file unopenable for --resume.
-        self.file = h5py.File(self.partial, "w", track_order=False)
         try:
+            self.file = h5py.File(self.partial, "w", track_order=False)
             self.file.attrs["conversion_settings"] = self.settings
             self.file.attrs["complete"] = 0
         except OSError:
-            self.abort()
+            self.abort()  # no empty .partial that a rerun would take for an interrupted conversion
             raise
 
     def _write_failed(self) -> None:
