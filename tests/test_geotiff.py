@@ -292,3 +292,22 @@ def test_parcels_in_another_crs_are_reprojected(region, tmp_path):
     assert data_prep(convert_args(tmp_path, out)) == 0
     with h5py.File(out, "r") as f:
         assert (f["patches/r000000_c000000/semantic"][()] == 1).sum() == 150  # edges land back on pixel edges
+
+
+def test_out_of_range_values_name_the_patch_and_skip_bad_skips_it(tmp_path, capsys):
+    make_stack(tmp_path / "scenes")
+    make_parcels(tmp_path / "parcels.gpkg")
+    (tmp_path / "codes.csv").write_text("code,class\nWHT,wheat\nMZ,maize\n")
+    with rasterio.open(tmp_path / "scenes" / "S2_20190415.tif", "r+") as dst:
+        data = dst.read()
+        data[0, 40, 40] = 40000  # uint16 above the int16 range, inside patch r000032_c000032 only
+        dst.write(data)
+    out = tmp_path / "r.h5"
+    assert data_prep(convert_args(tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "patch r000032_c000032" in err and "S2_20190415.tif" in err
+    assert not out.exists() and not out.with_name("r.h5.partial").exists()
+    assert data_prep([*convert_args(tmp_path, out), "--skip-bad"]) == 0
+    with h5py.File(out, "r") as f:
+        assert sorted(f["patches"]) == ["r000000_c000000", "r000000_c000032", "r000032_c000000"]
+    assert "r000032_c000032" in out.with_name("r.h5.skipped.json").read_text()
