@@ -27,7 +27,10 @@ import time
 from bench_models import hardware, rss_now_mib
 
 MODELS = ["utae", "utae_skip_mean", "utae_mean_attention", "utae_batchnorm", "utae_single_date", "stenn",
-          "fcn_lstm", "convlstm", "convgru", "uconvlstm", "ubiconvlstm", "unet3d", "fpn_convlstm", "stcln"]
+          "stenn grad_checkpointing", "fcn_lstm", "convlstm", "convgru", "uconvlstm", "ubiconvlstm", "unet3d",
+          "fpn_convlstm", "stcln"]
+# extra rows: label -> (registered name, build options)
+VARIANTS = {"stenn grad_checkpointing": ("stenn", {"grad_checkpointing": True})}
 SHAPE, QUICK_SHAPE = (2, 30, 10, 128, 128), (1, 4, 10, 32, 32)
 
 
@@ -43,7 +46,7 @@ def run_case(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(0)
     b, t, c, h, w = spec["shape"]
-    model = build(spec["model"], in_channels=c, num_classes=20).to(device)
+    model = build(spec["model"], in_channels=c, num_classes=20, **spec.get("kwargs", {})).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     x = torch.randn(b, t, c, h, w, device=device)
     dates = torch.sort(torch.randint(0, 365, (b, t), device=device), dim=1).values
@@ -116,8 +119,9 @@ def main(argv=None) -> int:
     rows = []
     for model in models:
         cells = {"params": ""}
+        name, kwargs = VARIANTS.get(model, (model, {}))
         for pass_ in args.passes.split(","):
-            spec = {"model": model, "shape": shape, "pass": pass_, "device": args.device,
+            spec = {"model": name, "kwargs": kwargs, "shape": shape, "pass": pass_, "device": args.device,
                     "repeats": args.repeats, "warmup": 0 if args.no_warmup else 1, "mem_limit_gib": args.mem_limit_gib}
             result, error = run_in_subprocess(spec, args.timeout_s)
             if result is None:
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
                 delta = f" (+{result['delta_mib']:.0f})" if "delta_mib" in result else ""
                 cells[pass_] = (f"{result['time_s']:.2f}", f"{result['peak_mib']:.0f}{delta}")
             print(f"{model} {pass_}: {cells[pass_]}", file=sys.stderr, flush=True)
-        rows.append((model, cells))
+        options = "".join(f", {k}={v}" for k, v in kwargs.items())
+        rows.append((f"`{name}`{options}", cells))
 
     passes = args.passes.split(",")
     mem = "peak MiB (+ during call)" if args.device == "cpu" else "peak allocated MiB"
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
               f"load average {os.getloadavg()[0]:.2f} at the end\n\n")
     cols = "".join(f" {p} time (s) | {p} {mem} |" for p in passes)
     table = (f"| model | parameters |{cols}\n|---|---:|" + "---:|---:|" * len(passes) + "\n"
-             + "".join(f"| `{m}` | {c['params']} |" + "".join(f" {c[p][0]} | {c[p][1]} |" for p in passes) + "\n"
+             + "".join(f"| {m} | {c['params']} |" + "".join(f" {c[p][0]} | {c[p][1]} |" for p in passes) + "\n"
                        for m, c in rows))
     print("\n" + header + table)
     if args.out:
