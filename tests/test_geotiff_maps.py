@@ -209,3 +209,21 @@ def test_unlabelled_region_is_pretrain_only(scene, tmp_path):
     assert len(build_dataset(out, task="pretrain")) == 4
     with pytest.raises(UserFacingError, match="only task 'pretrain'"):
         build_dataset(out, task="semantic")
+
+
+def test_model_classes_other_than_the_files_and_shape_errors(scene, tmp_path):
+    from sitskit.errors import UserFacingError
+    _, h5 = scene
+    rng = np.random.default_rng(4)
+    with h5py.File(h5, "r") as f:
+        keys = sorted(f["patches"])
+    probs3 = {k: rng.dirichlet(np.ones(3), size=(PATCH, PATCH)).transpose(2, 0, 1) for k in keys}
+    tif = maps.write_geotiff_map(tmp_path / "m.tif", h5, probs=probs3, class_names=["bg", "crop", "void"])
+    assert maps.map_class_names(tif) == ["bg", "crop", "void"]
+    with rasterio.open(tif) as src:
+        assert set(np.unique(src.read(1))) <= {0, 1, 2}
+    with pytest.raises(UserFacingError, match=r"probs of patch r000000_c000000: shape \(3, 32, 32\), expected \(20"):
+        maps.write_geotiff_map(tmp_path / "bad.tif", h5, probs=probs3)
+    assert not list(tmp_path.glob("bad*"))  # nothing left behind
+    with pytest.raises(UserFacingError, match="does not hold"):
+        maps.write_geotiff_map(tmp_path / "bad.tif", h5, predictions={"r999999_c000000": np.zeros((PATCH, PATCH))})

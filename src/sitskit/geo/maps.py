@@ -69,6 +69,16 @@ def read_layout(data_h5) -> AreaLayout:
                           np.asarray(a["class_colors"], np.uint8), int(a["ignore_index"]))
 
 
+def _colors(k: int) -> np.ndarray:
+    """PASTIS colours for up to 20 classes, else tab20 cycled (uint8 [k, 3])."""
+    from sitskit.constants import PASTIS_COLORS
+    if k <= len(PASTIS_COLORS):
+        return np.array(PASTIS_COLORS[:k], np.uint8)
+    import matplotlib
+    cmap = matplotlib.colormaps["tab20"]
+    return np.array([[int(255 * v) for v in cmap(i % 20)[:3]] for i in range(k)], np.uint8)
+
+
 def blend_weight(h: int, w: int) -> np.ndarray:
     """[h, w] sin(pi (i + 0.5) / n) x sin(pi (j + 0.5) / n): the weight of finetune.inference.blend_weight."""
     def axis(n):
@@ -83,15 +93,16 @@ def centre_score(h: int, w: int) -> np.ndarray:
     return np.minimum(r[:, None], c[None, :]).astype(np.float32)
 
 
-def _check_patch(key: str, arr: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+def _check_patch(key: str, arr, shape: tuple[int, ...], what: str) -> np.ndarray:
     arr = np.asarray(arr)
-    if arr.shape[-2:] != shape[-2:] or arr.ndim != len(shape):
+    if arr.shape != shape:
         raise UserFacingError(f"{what} of patch {key}: shape {arr.shape}, expected {shape}")
     return arr
 
 
 def write_geotiff_map(out_tif, data_h5, predictions: Mapping | None = None, probs: Mapping | None = None, *,
-                      confidence: bool = True, prob_bands: bool = False, strip_rows: int | None = None) -> Path:
+                      confidence: bool = True, prob_bands: bool = False, strip_rows: int | None = None,
+                      class_names: list[str] | None = None, class_colors=None) -> Path:
     """Stitch per-patch predictions into one GeoTIFF over the area of `data_h5`.
 
     predictions: key -> class index [H, W] (int); probs: key -> class probabilities [K, H, W] (float,
@@ -101,12 +112,19 @@ def write_geotiff_map(out_tif, data_h5, predictions: Mapping | None = None, prob
     `class_names` (JSON list) and `class_<i>`. With probs, `confidence` and/or `prob_bands`, a sibling
     `<stem>_probs.tif` on the same grid (GeoTIFF keeps a colour table only on single-band files) holds
     uint8 percent bands: the blended max probability ("confidence_percent"), then one band per class.
-    strip_rows: rows written per window (default: the patch height). Returns the class map's path.
+    strip_rows: rows written per window (default: the patch height). class_names / class_colors
+    (uint8 [K, 3]): the model's classes when they are not the data file's (e.g. a PASTIS model on an
+    unlabelled region); default the file's. Returns the class map's path.
     """
     rasterio = require("rasterio")
     if predictions is None and probs is None:
         raise UserFacingError("write_geotiff_map: give predictions (class maps) or probs")
     lay = read_layout(data_h5)
+    if class_names is not None:
+        lay.class_names = [str(n) for n in class_names]
+        lay.class_colors = _colors(len(lay.class_names)) if class_colors is None else np.asarray(class_colors, np.uint8)
+        if lay.class_colors.shape != (len(lay.class_names), 3):
+            raise UserFacingError(f"class_colors: shape {lay.class_colors.shape}, expected ({len(lay.class_names)}, 3)")
     k = len(lay.class_names)
     if k > NODATA:
         raise UserFacingError(f"{data_h5}: {k} classes do not fit a uint8 map with nodata {NODATA}")
@@ -318,7 +336,7 @@ def _write_gpkg(table, out_gpkg) -> None:
 
 
 def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Mapping | None = None,
-                      out_gpkg=None):
+                      out_gpkg=None, class_names: list[str] | None = None):
     """Predicted parcels as polygons: vectorise each patch's instance map (rasterio.features.shapes).
 
     instances: key -> instance ids [H, W] (0 = none); classes: key -> class index [H, W] (an instance's
@@ -334,6 +352,7 @@ def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Map
     from shapely.ops import unary_union
 
     lay = read_layout(data_h5)
+    names = [str(n) for n in class_names] if class_names is not None else lay.class_names
     affine_cls = require("affine").Affine
     x0, a, b, y0, d, e = lay.transform
     rows = []
@@ -349,7 +368,7 @@ def instance_polygons(data_h5, instances: Mapping, classes: Mapping, scores: Map
             mask = inst == iid
             top = int(np.bincount(np.asarray(cls)[mask].astype(np.int64)).argmax())
             score = float(scores[key].get(iid, np.nan)) if scores is not None and key in scores else np.nan
-            rows.append({"patch": key, "instance": iid, "pred_index": top, "pred_class": lay.class_names[top],
+            rows.append({"patch": key, "instance": iid, "pred_index": top, "pred_class": names[top],
                          "score": score, "n_pixels": int(mask.sum()), "geometry": unary_union(parts)})
     rows = _merge_views(rows, abs(a * e - b * d))
     table = gpd.GeoDataFrame(rows, geometry="geometry", crs=lay.crs) if rows else gpd.GeoDataFrame(
@@ -418,13 +437,15 @@ def conversion_labels(data_h5) -> dict:
 
 def export_maps(data_h5, map_tif, *, predictions_h5=None, predictions: Mapping | None = None,
                 probs: Mapping | None = None, parcels_out=None, instances_out=None, instances: Mapping | None = None,
-                parcels=None, class_field: str | None = None, class_map=None, prob_bands: bool = False) -> dict:
+                parcels=None, class_field: str | None = None, class_map=None, prob_bands: bool = False,
+                class_names: list[str] | None = None) -> dict:
     """Everything `finetune.py predict --geotiff MAP.tif [--parcels OUT.gpkg]` writes, in one call.
 
     Predictions come from a predictions file (`predictions_h5`: /patches/<key>/semantic and optional
     probs, docs/predictions.md) or from the `predictions` / `probs` mappings. The parcel table uses
     `parcels` / `class_field` / `class_map`, by default those the data file was converted with.
     `instances` (key -> instance ids [H, W]) with `instances_out` writes the predicted parcels.
+    class_names: the model's classes (default: the predictions file's `class_names`, else the data file's).
     Returns {"map": path, "probs": path or None, "parcels": path or None, "instances": path or None}.
     """
     with contextlib.ExitStack() as stack:
@@ -433,7 +454,10 @@ def export_maps(data_h5, map_tif, *, predictions_h5=None, predictions: Mapping |
             predictions = H5Arrays(f, "semantic")
             found = H5Arrays(f, "probs")
             probs = found if len(found) else None
-        out = write_geotiff_map(map_tif, data_h5, predictions=predictions, probs=probs, prob_bands=prob_bands)
+            if class_names is None and "class_names" in f.attrs:
+                class_names = [_s(n) for n in f.attrs["class_names"]]
+        out = write_geotiff_map(map_tif, data_h5, predictions=predictions, probs=probs, prob_bands=prob_bands,
+                                class_names=class_names)
         result = {"map": out, "probs": probs_path(out) if probs is not None else None, "parcels": None,
                   "instances": None}
         if parcels_out is not None:
@@ -447,7 +471,7 @@ def export_maps(data_h5, map_tif, *, predictions_h5=None, predictions: Mapping |
             result["parcels"] = Path(parcels_out)
         if instances_out is not None and instances is not None:
             classes = predictions if predictions is not None else {k: np.asarray(p).argmax(0) for k, p in probs.items()}
-            instance_polygons(data_h5, instances, classes, out_gpkg=instances_out)
+            instance_polygons(data_h5, instances, classes, out_gpkg=instances_out, class_names=class_names)
             result["instances"] = Path(instances_out)
     return result
 
