@@ -60,8 +60,8 @@ def _safe_read(read, key, args, compression=None):
         record = read(args)
     except PatchError as exc:
         return exc
-    if compression:  # in a worker: compress here so that the single writer only copies bytes
-        precompress(record.sats, compression)
+    if compression:  # compress here (in a worker: in parallel); the writer only copies finished chunks,
+        precompress(record.sats, compression)  # so a failed write (full disk) raises at once, not on release
     return record
 
 
