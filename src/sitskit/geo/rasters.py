@@ -209,7 +209,7 @@ def read_scene_window(scene: Scene, row: int, col: int, size_h: int, size_w: int
     return raw.astype(np.int16), valid
 
 
-def band_statistics(scenes: list[Scene], cloud_band: int | None = None, max_px: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def band_statistics(scenes: list[Scene], cloud_band: int | None = None, max_px: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Per-band mean and std [C] over all dates, from a decimated read (at most max_px per side), valid
     pixels only: the file's `/norm/S2` statistics (the `norm="source"` option)."""
     rasterio = require("rasterio")
