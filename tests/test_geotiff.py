@@ -311,3 +311,33 @@ def test_out_of_range_values_name_the_patch_and_skip_bad_skips_it(tmp_path, caps
     with h5py.File(out, "r") as f:
         assert sorted(f["patches"]) == ["r000000_c000000", "r000000_c000032", "r000032_c000000"]
     assert "r000032_c000032" in out.with_name("r.h5.skipped.json").read_text()
+
+
+def test_dates_from_regex_or_csv_and_a_cloud_band(tmp_path):
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    rows, cols = np.mgrid[0:32, 0:32]
+    for t, d in enumerate(DATES[:3]):
+        data = np.stack([np.full((32, 32), 100 * t + b, np.uint16) for b in range(3)]
+                        + [((rows < 4) & (t < 2)).astype(np.uint16)])  # band 4: clouds on rows 0-3, dates 0-1
+        write_scene(folder / f"scene-{d:%Y-%m-%d}.tif", data)
+    out = tmp_path / "a.h5"
+    base = ["geotiff", "--images", str(folder), "--bands", *BANDS, "--cloud-band", "4", "--patch-size", "32"]
+    assert data_prep([*base, "--date-regex", r"scene-(\d{4}-\d\d-\d\d)", "--out", str(out)]) == 0
+    (tmp_path / "dates.csv").write_text("path,date\n" + "".join(
+        f"{folder}/scene-{d:%Y-%m-%d}.tif,{d:%Y%m%d}\n" for d in DATES[:3]))
+    out2 = tmp_path / "b.h5"
+    assert data_prep([*base, "--dates-csv", str(tmp_path / "dates.csv"), "--out", str(out2)]) == 0
+    for path in (out, out2):
+        with h5py.File(path, "r") as f:
+            g = f["patches/r000000_c000000"]
+            assert [d.decode() for d in g["S2/date"][()]] == [d.isoformat() for d in DATES[:3]]
+            assert g["S2/data"].shape == (3, 3, 32, 32) and g["S2/data"][2, 1, 0, 0] == 201  # mask band dropped
+            valid = g["valid_dates"][()]
+            assert (valid[:4] == 1).all() and (valid[4:] == 3).all()
+
+
+def test_without_the_geo_extra_the_command_names_it(region, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "rasterio", None)
+    assert data_prep(convert_args(region, tmp_path / "x.h5")) == 2
+    assert "pip install 'sitskit[geo]'" in capsys.readouterr().err
