@@ -316,7 +316,7 @@ def test_out_of_range_values_name_the_patch_and_skip_bad_skips_it(tmp_path, caps
 def test_dates_from_regex_or_csv_and_a_cloud_band(tmp_path):
     folder = tmp_path / "scenes"
     folder.mkdir()
-    rows, cols = np.mgrid[0:32, 0:32]
+    rows = np.mgrid[0:32, 0:32][0]
     for t, d in enumerate(DATES[:3]):
         data = np.stack([np.full((32, 32), 100 * t + b, np.uint16) for b in range(3)]
                         + [((rows < 4) & (t < 2)).astype(np.uint16)])  # band 4: clouds on rows 0-3, dates 0-1
