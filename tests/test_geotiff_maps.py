@@ -185,11 +185,9 @@ def test_simulate_cli_writes_the_geotiff_format(tmp_path, capsys):
 def test_export_maps_from_a_predictions_file_with_recorded_parcels(scene, tmp_path):
     sim, h5 = scene
     probs, preds = random_outputs(h5, seed=2)
-    pred_file = tmp_path / "pred.h5"
-    with h5py.File(pred_file, "w") as f:  # the layout of docs/predictions.md
-        for k in preds:
-            f[f"patches/{k}/semantic"] = preds[k].astype(np.uint8)
-            f[f"patches/{k}/probs"] = probs[k].astype(np.float16)
+    from sitskit.finetune.predictions import write_predictions  # the predictions file of docs/predictions.md
+    pred_file = write_predictions(tmp_path / "pred.h5", h5, [(k, preds[k], probs[k]) for k in preds],
+                                  model="random", checkpoint="-")
     got = maps.export_maps(h5, tmp_path / "map.tif", predictions_h5=pred_file, parcels_out=tmp_path / "parcels.gpkg")
     assert got["probs"].exists() and got["parcels"].exists()
     table = gpd.read_file(got["parcels"])
