@@ -225,3 +225,8 @@ def test_model_classes_other_than_the_files_and_shape_errors(scene, tmp_path):
     assert not list(tmp_path.glob("bad*"))  # nothing left behind
     with pytest.raises(UserFacingError, match="does not hold"):
         maps.write_geotiff_map(tmp_path / "bad.tif", h5, predictions={"r999999_c000000": np.zeros((PATCH, PATCH))})
+
+
+def test_simulate_geotiff_refuses_pastis_only_options(tmp_path, capsys):
+    assert data_prep(["simulate", "--format", "geotiff", "--with-s1", "--out", str(tmp_path / "s")]) == 2
+    assert "not for --format geotiff" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -57,6 +57,8 @@ def run_simulate(args) -> int:
         raise UserFacingError(f"--patches {args.patches}: must be >= 1")
     if args.format == "geotiff":  # one scene (--size px, default 256), not --patches patches
         from .geotiff import simulate_geotiff
+        if args.with_s1 or args.ids or args.test_ids or args.eval_ids:
+            raise UserFacingError("--with-s1/--ids/--test-ids/--eval-ids: not for --format geotiff (one S2 scene)")
         out = simulate_geotiff(args.out, size=args.size or 256, seed=args.seed,
                                year=args.year[0] if args.year else 2019)
         print(f"wrote {out}")
