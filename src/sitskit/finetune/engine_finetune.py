@@ -1,0 +1,122 @@
+"""One fine-tuning epoch (cross-entropy on labelled pixels) and the evaluation of a selection of patches.
+
+Randomness of micro-batch `micro` (dropout) comes from a seed derived from (seed, micro, rank), and samples
+from (seed, epoch, index), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sitskit.pretrain.masking import step_seed
+from sitskit.stage.state import TrainState
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor,
+                         weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """logits: [B, K, H, W]; target: int64 [B, H, W]; ignore: bool [K] (classes never scored: void, optionally
+    background). Mean over the labelled pixels (weighted like torch's CE); exactly 0 — not NaN — with a gradient
+    of zeros when the batch holds no labelled pixel (torch's CE returns NaN there)."""
+    valid = ~ignore[target.clamp(0, len(ignore) - 1)] & (target >= 0) & (target < len(ignore))
+    if not bool(valid.any()):
+        return logits.sum() * 0.0
+    logits = logits.float().permute(0, 2, 3, 1)[valid]  # [N, K]
+    return F.cross_entropy(logits, target[valid], weight=weight, label_smoothing=label_smoothing)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, accelerator, state: TrainState, cfg: dict,
+                    criterion: Callable, total_steps: int, on_step: Callable[[dict], None] | None = None,
+                    on_batch_end: Callable[[], bool] | None = None) -> bool:
+    """Rest of epoch `state.epoch` from batch `state.batch` (the loader already skips the done ones).
+    Returns True when training must stop (total_steps reached or stop requested)."""
+    seed, accum, clip = cfg["run"]["seed"], cfg["optim"]["grad_accum"], cfg["optim"]["clip_grad"]
+    log_every, rank = cfg["run"]["log_every"], accelerator.process_index
+    model.train()
+    loss_sum, n, samples, t0 = None, 0, 0, time.perf_counter()
+    for batch in loader:
+        x = batch["image"].to(accelerator.device, non_blocking=True)
+        dates = batch["dates"].to(accelerator.device, non_blocking=True)
+        pad_mask = batch["pad_mask"].to(accelerator.device, non_blocking=True)
+        target = batch["semantic"].to(accelerator.device, non_blocking=True)
+        sync = (state.micro + 1) % accum == 0
+        torch.manual_seed(step_seed(seed, state.micro, rank, 0))  # dropout stream of this micro-batch
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+            with accelerator.autocast():
+                logits = model(x, dates, pad_mask)
+            loss = criterion(logits, target)
+            accelerator.backward(loss / accum)
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        n, samples = n + 1, samples + x.shape[0]
+        state.micro += 1
+        if sync:
+            lr = optimizer.param_groups[-1]["lr"]  # the head's group: optim.lr
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            scheduler.step_update(state.step)
+            if on_step is not None and (state.step % log_every == 0 or state.step == total_steps):
+                mean = accelerator.reduce(loss_sum / max(n, 1), reduction="mean")
+                metrics = {"loss": float(mean), "lr": float(lr),
+                           "samples_per_s": samples * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)}
+                if grad_norm is not None:
+                    metrics["grad_norm"] = float(grad_norm)
+                on_step(metrics)
+                loss_sum, n, samples, t0 = None, 0, 0, time.perf_counter()
+        state.batch += 1
+        stop = on_batch_end() if on_batch_end is not None else False
+        if state.step >= total_steps or stop:
+            return True
+    return False
+
+
+@torch.no_grad()
+def evaluate(model, dataset, accelerator, num_classes: int, window: int | None = None, overlap: float = 0.5,
+             batch_size: int = 1, keep: Callable[[str], bool] | None = None, on_patch=None, progress: bool = False,
+             desc: str = "evaluate"):
+    """Score every patch of `dataset` exactly once, the patches split over the processes without padding.
+
+    Returns the confusion matrix [K, K] (rows = truth) summed over the processes, and the number of patches.
+    `on_patch(key, image, truth, probs)` (main process, e.g. for figures or a prediction file) sees each of
+    its patches. Models trained on crops score full patches natively, or with `window` (sliding window).
+    """
+    from tqdm.auto import tqdm
+
+    from sitskit.data import pad_collate
+    from sitskit.finetune.inference import predict_patch
+    from sitskit.finetune.metrics import ConfusionMeter
+
+    was_training = model.training
+    model.eval()
+    meter = ConfusionMeter(num_classes, device=accelerator.device)
+    mine = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+
+    def forward(x, d, p):
+        with accelerator.autocast():
+            return model(x, d, p).float()
+
+    bar = tqdm(total=len(mine), desc=desc, unit="patch", disable=not (progress and accelerator.is_main_process),
+               dynamic_ncols=True, leave=False)
+    for start in range(0, len(mine), batch_size):
+        batch = pad_collate([dataset[i] for i in mine[start:start + batch_size]])
+        x = batch["image"].to(accelerator.device)
+        dates, pad_mask = batch["dates"].to(accelerator.device), batch["pad_mask"].to(accelerator.device)
+        probs = torch.cat([predict_patch(forward, x[i:i + 1], dates[i:i + 1], pad_mask[i:i + 1], window=window,
+                                         overlap=overlap, num_classes=num_classes) for i in range(len(x))])
+        pred = probs.argmax(1)
+        truth = batch["semantic"].to(accelerator.device)
+        meter.update(pred, truth)
+        if on_patch is not None:
+            for i, key in enumerate(batch["id"]):
+                on_patch(key, batch["image"][i], batch["semantic"][i], probs[i].cpu())
+        bar.update(len(x))
+    bar.close()
+    confusion = accelerator.reduce(meter.confusion, reduction="sum")
+    n_patches = int(accelerator.reduce(torch.tensor(len(mine), device=accelerator.device), reduction="sum"))
+    if was_training:
+        model.train()
+    return confusion.cpu(), n_patches
