@@ -148,6 +148,10 @@ def evaluate_command(args) -> int:
     if args.predictions:
         return evaluate_predictions(args)
     model, meta, run_dir = load_checkpoint(args.checkpoint)
+    if meta.get("task") == "panoptic":
+        from sitskit.finetune import panoptic_stage
+
+        return panoptic_stage.evaluate_checkpoint(args, model, meta, run_dir)
     ds, label, cutoff = checkpoint_dataset(args, meta)
     acc = _accelerator(args)
     model = model.to(acc.device)
@@ -181,6 +185,10 @@ def evaluate_predictions(args) -> int:
     from sitskit.finetune.report import metrics_table, write_evaluation
 
     pred = Path(args.predictions)
+    if _has_instances(pred):
+        from sitskit.finetune import panoptic_stage
+
+        return panoptic_stage.evaluate_predictions(args)
     keys = None
     if args.folds or args.split or args.years:
         import h5py
@@ -212,6 +220,10 @@ def predict_command(args) -> int:
     from sitskit.finetune.predictions import PredictionWriter
 
     model, meta, run_dir = load_checkpoint(args.checkpoint)
+    if meta.get("task") == "panoptic":
+        from sitskit.finetune import panoptic_stage
+
+        return panoptic_stage.predict_checkpoint(args, model, meta, run_dir)
     ds, label, cutoff = checkpoint_dataset(args, meta)
     acc = _accelerator(args)
     model = model.to(acc.device)
@@ -231,6 +243,16 @@ def predict_command(args) -> int:
         writer.file.attrs["cutoff"] = json.dumps(cutoff)
     print(f"wrote {args.out} ({len(ds.ids)} patches of {args.data})")
     return 0
+
+
+def _has_instances(path: Path) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("has_instances", 0))
+    except OSError:
+        return False  # read_predictions gives the clear error
 
 
 class _mlflow_run:

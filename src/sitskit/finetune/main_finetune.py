@@ -39,8 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "train":
         argv = argv[1:]
     argv = ["--train.task" if a == "--task" else a for a in argv]
-    return run_main(lambda cfg, resume_dir: Finetuner(cfg, resume_dir).run(), argv, SECTIONS, stage="finetune",
-                    prog=_prog(), description=__doc__)
+    return run_main(lambda cfg, resume_dir: stage_class(cfg)(cfg, resume_dir).run(), argv, SECTIONS,
+                    stage="finetune", prog=_prog(), description=__doc__)
+
+
+def stage_class(cfg: dict) -> type:
+    """Finetuner for semantic segmentation; its panoptic (PaPs) subclass for --task panoptic."""
+    if cfg["train"]["task"] == "panoptic":
+        from sitskit.finetune.panoptic_stage import PanopticFinetuner
+
+        return PanopticFinetuner
+    return Finetuner
 
 
 def _prog() -> str:
@@ -70,10 +79,6 @@ class Finetuner(Stage):
         d = cfg["data"]
         if not Path(d["path"]).is_file():
             raise UserFacingError(f"data.path: {d['path']} does not exist")
-        if cfg["train"]["task"] == "panoptic":
-            raise UserFacingError("--task panoptic: panoptic fine-tuning is not wired into finetune.py yet "
-                                  "(the PaPs model and metric are in sitskit.models.paps / sitskit.finetune.panoptic; "
-                                  "docs/panoptic.md)")
         self.data_digest = index_digest(d["path"])
         self.dataset = self.build_dataset("train")
         self.val_dataset = self.build_dataset("val")
@@ -301,7 +306,7 @@ class Finetuner(Stage):
 
             target, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
             shutil.rmtree(tmp, ignore_errors=True)
-            extra = {"stage": "finetune", "mlflow_run_id": self.state.mlflow_run_id or None,
+            extra = {"stage": "finetune", "task": self.cfg["train"]["task"], "mlflow_run_id": self.state.mlflow_run_id or None,
                      "step": self.state.step, "epoch": self.state.epoch, "finetune_config": self.cfg,
                      "val_metric": self.cfg["eval"]["metric"],
                      "val_value": None if val_metrics is None else val_metrics[self.cfg["eval"]["metric"]],
