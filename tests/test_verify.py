@@ -118,6 +118,20 @@ def test_verify_counts_every_chunk_of_a_clean_file(pastis_h5):
     assert report.n_chunks >= n_dates + len(n_datasets) - 5
 
 
+def test_verify_names_a_missing_patch_group_and_a_broken_link(pastis_h5, tmp_path, capsys):
+    h5 = tmp_path / "p.h5"
+    shutil.copy(pastis_h5, h5)
+    with h5py.File(h5, "r+") as f:
+        del f["patches/30000"]
+        f["patches/40000/S2/extra"] = h5py.SoftLink("/nowhere")
+    report = verify_file(h5)
+    assert report.n_patches == 5 and sorted(report.bad) == ["30000", "40000"]
+    assert report.bad["30000"] == ["group: listed in /index but missing"]
+    assert report.bad["40000"][0].startswith("S2/extra: unreadable structure (")
+    assert data_prep(["verify", str(h5)]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"{h5}: CORRUPT, 2 of 5 patches")
+
+
 def test_format_1_without_checksums_still_reads_and_verify_says_so(source, tmp_path, monkeypatch, capsys):
     v2 = convert_pastis(source, tmp_path / "v2.h5")
     plain = h5schema.compression_options

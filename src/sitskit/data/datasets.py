@@ -164,7 +164,7 @@ class SITSDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             return self._read_sample(i)
-        except OSError as exc:  # HDF5: checksum mismatch or an undecodable chunk -> one line naming the patch
+        except (OSError, RuntimeError) as exc:  # HDF5: checksum mismatch, undecodable chunk, damaged B-tree
             key = self.keys_all[self._crops[i][0]]
             raise read_error(self.path, key, exc, checksummed=has_checksums(self._h5())) from None
 

@@ -158,7 +158,7 @@ def has_checksums(f: h5py.File) -> bool:
     return int(f.attrs.get("format_version", 1)) >= CHECKSUM_VERSION
 
 
-def read_error(path: str | os.PathLike, key: str, exc: OSError, checksummed: bool) -> DataReadError:
+def read_error(path: str | os.PathLike, key: str, exc: Exception, checksummed: bool) -> DataReadError:
     """The one-line error for an HDF5 read of patch `key` that failed (checksum mismatch or undecodable)."""
     if is_checksum_error(exc, checksummed):
         what = "data is corrupt (checksum mismatch in a stored chunk)"

@@ -52,10 +52,41 @@ class VerifyReport:
         return out
 
 
-def _chunks(d: h5py.Dataset) -> list[tuple[slice, ...]]:
-    if d.chunks is None or d.size == 0:
-        return [()]
-    return list(d.iter_chunks())
+# what h5py raises for damaged structures: OSError (I/O, filters), RuntimeError (B-tree / heap), KeyError
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip("'\"")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _walk(group: h5py.Group, prefix: str, found: list, broken: list) -> None:
+    """Every dataset below `group` into `found` as (path, dataset); unreadable links into `broken`."""
+    try:
+        names = list(group.keys())
+    except H5_ERRORS as exc:
+        broken.append((prefix or "/", exc))
+        return
+    for name in names:
+        path = f"{prefix}/{name}" if prefix else name
+        try:
+            obj = group[name]
+        except H5_ERRORS as exc:
+            broken.append((path, exc))
+            continue
+        if isinstance(obj, h5py.Group):
+            _walk(obj, path, found, broken)
+        elif isinstance(obj, h5py.Dataset):
+            found.append((path, obj))
+
+
+def _owner(path: str) -> tuple[str, str]:
+    """'patches/10000/S2/data' -> ('10000', 'S2/data'); anything else -> ('/index/key', 'index/key')."""
+    parts = path.split("/")
+    if parts[0] == "patches" and len(parts) > 2:
+        return parts[1], "/".join(parts[2:])
+    return "/" + path.lstrip("/"), path
 
 
 def _describe(failures: list[tuple[str, int | None, str]]) -> list[str]:
@@ -71,39 +102,50 @@ def verify_file(path: str | os.PathLike, progress: bool | None = None) -> Verify
     """Read every chunk of every dataset of a sitskit HDF5 file. `progress`: tqdm's `disable` inverted
     (None: a bar only on a terminal)."""
     path = Path(path)
+    failures: dict[str, list[tuple[str, int | None, str]]] = defaultdict(list)
     with open_sits(path) as f:
         report = VerifyReport(path, int(f.attrs["format_version"]))
-        datasets: list[tuple[str, h5py.Dataset]] = []
-        f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+        datasets, broken = [], []
+        _walk(f, "", datasets, broken)
+        for where, exc in broken:
+            key, inner = _owner(where)
+            failures[key].append((inner or "/", None, f"unreadable structure ({_reason(exc)})"))
+        plan = []
+        for name, d in datasets:
+            try:
+                chunks = [()] if d.chunks is None or d.size == 0 else list(d.iter_chunks())
+                plan.append((name, d, chunks, bool(d.fletcher32)))
+            except H5_ERRORS as exc:
+                key, inner = _owner(name)
+                failures[key].append((inner, None, f"unreadable layout ({_reason(exc)})"))
         report.n_datasets = len(datasets)
-        report.n_patches = len(f.get("patches", {}))
-        plan = [(name, d, _chunks(d)) for name, d in datasets]
         if report.format_version >= CHECKSUM_VERSION:
-            report.unchecked = [name for name, d, _ in plan if d.chunks is not None and not d.fletcher32]
-        failures: dict[str, list[tuple[str, int | None, str]]] = defaultdict(list)
-        bar = tqdm(total=sum(len(c) for _, _, c in plan), unit="chunk", desc=f"verify {path.name}",
+            report.unchecked = [name for name, d, _, checked in plan if d.chunks is not None and not checked]
+        bar = tqdm(total=sum(len(c) for _, _, c, _ in plan), unit="chunk", desc=f"verify {path.name}",
                    disable=None if progress is None else not progress)
-        for name, d, chunks in plan:
-            parts = name.split("/")
-            key, inner = (parts[1], "/".join(parts[2:])) if parts[0] == "patches" and len(parts) > 2 \
-                else ("/" + name, name)
+        for name, d, chunks, checked in plan:
+            key, inner = _owner(name)
             for sel in chunks:
                 try:
                     d[sel] if sel else d[()]
-                except OSError as exc:
-                    why = "checksum mismatch" if is_checksum_error(exc, d.fletcher32) else \
-                        f"cannot decode ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                    one_date = d.ndim == 4 and d.chunks is not None and d.chunks[0] == 1 and sel
+                except H5_ERRORS as exc:
+                    why = "checksum mismatch" if is_checksum_error(exc, checked) else \
+                        f"cannot decode ({_reason(exc)})"
+                    one_date = d.ndim == 4 and d.chunks[0] == 1 and sel if d.chunks else False
                     failures[key].append((inner, sel[0].start if one_date else None, why))
                 report.n_chunks += 1
                 bar.update(1)
         bar.close()
-        if "index/key" in f:
-            for raw in f["index/key"][()]:
-                key = raw.decode()
-                if f"patches/{key}" not in f:
-                    failures[key].append(("group", None, "listed in /index but missing"))
-        report.bad = {key: _describe(items) for key, items in failures.items()}
+        stored = {_owner(name)[0] for name, _ in datasets if name.startswith("patches/")}
+        try:
+            keys = [k.decode() for k in f["index/key"][()]]
+        except H5_ERRORS:  # reported above as an unreadable dataset or link
+            keys = sorted(stored)
+        for key in keys:
+            if key not in stored and key not in failures:
+                failures[key].append(("group", None, "listed in /index but missing"))
+        report.n_patches = len(keys)
+    report.bad = {key: _describe(items) for key, items in failures.items()}
     return report
 
 
