@@ -129,7 +129,8 @@ def checkpoint_dataset(args, meta: dict):
     max_doy = args.max_doy if args.max_doy is not None else run_data["max_doy"]
     max_date = args.max_date if args.max_date is not None else run_data["max_date"]
     ds = open_dataset(data, label, task="semantic", norm=(meta["norm_mean"], meta["norm_std"]),
-                      sat=run_data["sat"], max_doy=max_doy, max_date=max_date, **sel)
+                      sat=run_data["sat"], max_doy=max_doy, max_date=max_date,
+                      num_dates=run_data.get("eval_num_dates"), seed=meta["finetune_config"]["run"]["seed"], **sel)
     if list(ds.band_names) != list(meta["band_names"]):
         raise UserFacingError(f"--data {data}: bands {ds.band_names} differ from the checkpoint's {meta['band_names']}")
     return ds, label, {"max_doy": max_doy, "max_date": max_date}

@@ -50,6 +50,8 @@ class FinetuneDataSection:
     """explicit crop cells (row, col) in crop units, e.g. STCLN's [[0, 0], [1, 1]]"""
     num_dates: Optional[int] = None
     """draw this many dates per training access (MTLCC: 30); null = all"""
+    eval_num_dates: Optional[int] = None
+    """dates drawn per validation / test patch (a fixed, seeded draw; the cross-year protocol's T = 12); null = all"""
     max_doy: Optional[int] = None
     """early season: only dates up to this day of year, in training and evaluation"""
     max_date: Optional[str] = None
@@ -74,6 +76,8 @@ class FinetuneDataSection:
               "(made by `python data_prep.py pastis|mtlcc`)")
         check(self.crop is None or self.crop >= 1, f"data.crop must be >= 1; got {self.crop}")
         check(self.num_dates is None or self.num_dates >= 1, f"data.num_dates must be >= 1; got {self.num_dates}")
+        check(self.eval_num_dates is None or self.eval_num_dates >= 1,
+              f"data.eval_num_dates must be >= 1; got {self.eval_num_dates}")
         check(self.max_doy is None or 1 <= self.max_doy <= 366, f"data.max_doy must be in 1..366; got {self.max_doy}")
         if self.max_date is not None:
             try:

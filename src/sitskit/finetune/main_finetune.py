@@ -121,7 +121,7 @@ class Finetuner(Stage):
                         num_dates=d["num_dates"], augment=d["augment"], noise_sigma=d["noise_sigma"],
                         noise_prob=d["noise_prob"])
         else:
-            args["norm"] = (self.dataset.norm_mean, self.dataset.norm_std)
+            args.update(norm=(self.dataset.norm_mean, self.dataset.norm_std), num_dates=d["eval_num_dates"])
         args.update(override)
         return open_dataset(d["path"], which, **args)
 
