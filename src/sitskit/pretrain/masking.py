@@ -72,9 +72,11 @@ def _choose(unit_ok: torch.Tensor, ratio: float, generator: torch.Generator | No
     if sampling == "bernoulli":
         return (noise < ratio) & unit_ok
     noise = noise.masked_fill(~unit_ok, 2.0)  # ineligible units sort last
-    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each unit within its row
+    order = noise.argsort(dim=1)
     k = torch.round(unit_ok.sum(dim=1, keepdim=True) * ratio)
-    return (rank < k) & unit_ok
+    # unit order[:, j] has rank j: scatter "rank < k" back instead of a second argsort (same mask)
+    in_first_k = torch.arange(unit_ok.shape[1], device=unit_ok.device)[None, :] < k
+    return torch.zeros_like(unit_ok).scatter_(1, order, in_first_k) & unit_ok
 
 
 def ndvi(red: torch.Tensor, nir: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
