@@ -7,10 +7,13 @@ One HDF5 file per prediction run, keyed exactly like the data file (docs/hdf5_fo
                              sitskit_version, n_patches
     /patches/<key>/semantic  uint8 [H, W]       class index of the data file
     /patches/<key>/probs     float16 [K, H, W]  optional
+    /patches/<key>/instances int32 [H, W], instance_class uint8 [N], instance_score float32 [N]
+                             panoptic files only (file attribute has_instances = 1)
     /patches/<key>           attrs: the data file patch group's georeferencing (id, fold, footprint, ...)
 
 `score_predictions` reads the truth from the data file and scores with the same protocols as
-`finetune.py evaluate --checkpoint`, so maps from any tool are scored identically.
+`finetune.py evaluate --checkpoint`, so maps from any tool are scored identically; `score_panoptic_predictions`
+does the same for the instance maps (SQ / RQ / PQ, docs/panoptic.md).
 """
 from __future__ import annotations
 
@@ -77,10 +80,12 @@ class PredictionWriter:
     with PredictionWriter(out, data_path, model="stcln", checkpoint="checkpoints/run") as w:
         w.write(key, semantic [H, W], probs [K, H, W] or None)
     An exception inside the block removes the partial file and leaves no output.
+    instances=True (a panoptic file, attribute has_instances = 1): every `write` also gets `instances`
+    [H, W] (ids 0..N, 0 = none), `instance_class` [N] and `instance_score` [N] (instance i+1 at index i).
     """
 
     def __init__(self, out: str | os.PathLike, data_path: str | os.PathLike, *, model: str, checkpoint: str,
-                 overwrite: bool = False):
+                 overwrite: bool = False, instances: bool = False):
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + PARTIAL_SUFFIX)
         if self.out.is_dir():
@@ -103,11 +108,16 @@ class PredictionWriter:
             "data_file": str(self.data_path.resolve()), "data_sha": data_index_sha(self.data),
             "class_names": self.class_names, "num_classes": self.num_classes,
             "ignore_index": int(a["ignore_index"]), "sitskit_version": sitskit.__version__,
+            "has_instances": int(bool(instances)),
         })
+        self.instances = bool(instances)
         self.keys: list[str] = []
 
-    def write(self, key: str, semantic, probs=None) -> None:
-        """semantic: [H, W] integer class indices; probs: [K, H, W] float or None (numpy or torch)."""
+    def write(self, key: str, semantic, probs=None, *, instances=None, instance_class=None,
+              instance_score=None) -> None:
+        """semantic: [H, W] integer class indices; probs: [K, H, W] float or None (numpy or torch);
+        instances [H, W], instance_class [N], instance_score [N]: required by a panoptic writer, refused
+        otherwise."""
         key = str(key)
         if f"patches/{key}" not in self.data:
             raise UserFacingError(f"{self.data_path}: no patch {key!r} to predict for")
@@ -120,7 +130,19 @@ class PredictionWriter:
                                   f"data {truth_shape}")
         if semantic.size and (semantic.min() < 0 or semantic.max() >= self.num_classes):
             raise UserFacingError(f"{self.out}: patch {key!r}: class index outside 0..{self.num_classes - 1}")
+        given = [v is not None for v in (instances, instance_class, instance_score)]
+        if self.instances and not all(given):
+            raise UserFacingError(f"{self.out}: patch {key!r}: a panoptic file needs instances, instance_class "
+                                  "and instance_score")
+        if not self.instances and any(given):
+            raise UserFacingError(f"{self.out}: patch {key!r}: instances given to a writer made without "
+                                  "instances=True")
+        if self.instances:
+            panoptic = self._check_instances(key, truth_shape, instances, instance_class, instance_score)
         group = self.file.create_group(f"patches/{key}")
+        if self.instances:
+            for name, arr in panoptic.items():
+                group.create_dataset(name, data=arr, **(self.compression if arr.ndim == 2 else {}))
         group.create_dataset("semantic", data=semantic.astype(np.uint8), **self.compression)
         if probs is not None:
             probs = _numpy(probs)
@@ -133,6 +155,21 @@ class PredictionWriter:
             if name in src:
                 group.attrs[name] = src[name]
         self.keys.append(key)
+
+    def _check_instances(self, key, shape, instances, instance_class, instance_score) -> dict:
+        inst, cls, score = _numpy(instances), _numpy(instance_class).reshape(-1), _numpy(instance_score).reshape(-1)
+        where = f"{self.out}: patch {key!r}"
+        if inst.shape != shape:
+            raise UserFacingError(f"{where}: instances {inst.shape} vs data {shape}")
+        if len(cls) != len(score):
+            raise UserFacingError(f"{where}: {len(cls)} instance classes but {len(score)} scores")
+        if inst.size and (inst.min() < 0 or inst.max() > len(cls)):
+            raise UserFacingError(f"{where}: instance ids must lie in 0..{len(cls)} (0 = none, i = "
+                                  "instance_class[i-1])")
+        if cls.size and (cls.min() < 0 or cls.max() >= self.num_classes):
+            raise UserFacingError(f"{where}: instance class outside 0..{self.num_classes - 1}")
+        return {"instances": inst.astype(np.int32), "instance_class": cls.astype(np.uint8),
+                "instance_score": score.astype(np.float32)}
 
     def close(self) -> Path:
         self.file.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -257,5 +294,68 @@ def score_predictions(pred_path: str | os.PathLike, data_path: str | os.PathLike
             n_patches += 1
     metrics = compute_metrics(meter.confusion, names, protocol, exclude_background=exclude_background,
                               **options)
+    metrics["n_patches"] = n_patches
+    return metrics
+
+
+def read_instances(path: str | os.PathLike, data_path: str | os.PathLike | None = None, *,
+                   keys: Sequence[str] | None = None, check_sha: bool = True
+                   ) -> tuple[dict, Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Like `read_predictions` for a panoptic file (attribute has_instances = 1). Returns (file attributes,
+    iterator of (key, semantic uint8 [H, W], instances int32 [H, W], instance_class uint8 [N],
+    instance_score float32 [N]))."""
+    attrs, _ = read_predictions(path, data_path, keys=keys, with_probs=False, check_sha=check_sha)  # validates
+    if not int(attrs.get("has_instances", 0)):
+        raise UserFacingError(f"{path}: has no instance maps (attribute has_instances is not 1)")
+    if keys is None:
+        with h5py.File(path, "r") as f:
+            order = list(f.get("patches", {}))
+    else:
+        order = [str(k) for k in keys]
+
+    def iterate():
+        with h5py.File(path, "r") as f:
+            for key in order:
+                g = f["patches"][key]
+                missing = [n for n in ("instances", "instance_class", "instance_score") if n not in g]
+                if missing:
+                    raise UserFacingError(f"{path}: patch {key!r} has no {', '.join(missing)}")
+                yield key, g["semantic"][()], g["instances"][()], g["instance_class"][()], g["instance_score"][()]
+    return attrs, iterate()
+
+
+def score_panoptic_predictions(pred_path: str | os.PathLike, data_path: str | os.PathLike,
+                               protocol: str = "sitskit", keys: Sequence[str] | None = None, *,
+                               exclude_background: bool = False, check_sha: bool = True) -> dict:
+    """Score a panoptic prediction file against the data file's `instances` and `semantic` maps: the same
+    metrics.json as `finetune.py evaluate --checkpoint` of a panoptic run (panoptic_stage.panoptic_metrics)."""
+    from sitskit.finetune.panoptic import PanopticMeter
+    from sitskit.finetune.panoptic_stage import panoptic_classes, panoptic_metrics
+
+    _, items = read_instances(pred_path, data_path, keys=keys, check_sha=check_sha)
+    with open_sits(data_path) as d:
+        names = [_text(c) for c in d.attrs["class_names"]]
+        options = protocol_options(d.attrs)
+        void = [int(v) for v in np.atleast_1d(d.attrs.get("void_ids", []))]
+        background = [int(v) for v in np.atleast_1d(d.attrs.get("background_ids", []))]
+        meter = PanopticMeter(len(names), classes=panoptic_classes(len(names), void, background),
+                              void_label=void[0] if void else None)
+        confusion = ConfusionMeter(len(names))
+        n_patches = 0
+        for key, semantic, instances, _, _ in items:
+            g = d[f"patches/{key}"]
+            if "instances" not in g:
+                raise UserFacingError(f"{data_path}: patch {key!r} has no instance annotations")
+            truth, truth_inst = g["semantic"][()], g["instances"][()]
+            if truth.shape != semantic.shape or truth.shape != instances.shape:
+                raise UserFacingError(f"{pred_path}: patch {key!r}: prediction {semantic.shape} vs "
+                                      f"data {truth.shape}")
+            sem, inst = torch.from_numpy(semantic.astype(np.int64)), torch.from_numpy(instances.astype(np.int64))
+            t_sem = torch.from_numpy(truth.astype(np.int64))
+            meter.update(inst, sem, torch.from_numpy(truth_inst.astype(np.int64)), t_sem)
+            confusion.update(sem, t_sem)
+            n_patches += 1
+    metrics = panoptic_metrics(meter.table, confusion.confusion, names, protocol, options, void_ids=void,
+                               background_ids=background, exclude_background=exclude_background)
     metrics["n_patches"] = n_patches
     return metrics
