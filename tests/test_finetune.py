@@ -279,3 +279,31 @@ def test_bad_input_is_one_line_and_exit_2(case, run, encoder, pastis_h5, mtlcc_h
     err = capsys.readouterr().err
     assert code == 2, err
     assert want in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_region_predict_writes_a_stitched_geotiff_and_parcel_table(tmp_path, capsys):
+    """simulate --format geotiff → data_prep geotiff → fine-tune → predict --geotiff --parcels."""
+    rasterio = pytest.importorskip("rasterio")
+    from sitskit.data_prep.cli import main as data_prep
+    from sitskit.finetune import commands
+    from sitskit.simulate.geotiff import simulate_geotiff
+
+    sim = simulate_geotiff(tmp_path / "scene", size=64, seed=1, n_dates=6)
+    h5 = tmp_path / "region.h5"
+    assert data_prep(["geotiff", "--images", str(sim), "--labels", str(sim / "parcels.gpkg"), "--class-field", "CODE",
+                      "--class-map", str(sim / "crop_codes.csv"), "--out", str(h5), "--patch-size", "32",
+                      "--stride", "16"]) == 0
+    assert main(["--data.path", str(h5), "--model.name", "utae", "--data.batch_size", "2", "--train.max_steps", "2",
+                 "--run.tracking", "false", "--run.progress", "false", "--output.dir", str(tmp_path / "ckpt"),
+                 "--output.name", "region"]) == 0
+    tif, gpkg = tmp_path / "map.tif", tmp_path / "parcels.gpkg"
+    assert commands.main(["predict", "--checkpoint", str(tmp_path / "ckpt" / "region"), "--data", str(h5),
+                          "--geotiff", str(tif), "--parcels", str(gpkg)]) == 0
+    first = sorted(sim.glob("S2_*.tif"))[0]
+    with rasterio.open(tif) as m, rasterio.open(first) as s:
+        assert m.crs == s.crs and m.transform == s.transform and (m.width, m.height) == (s.width, s.height)
+        assert m.dtypes[0] == "uint8"
+    import geopandas
+
+    table = geopandas.read_file(gpkg)
+    assert len(table) > 0 and {"agree"} <= set(table.columns)

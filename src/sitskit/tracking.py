@@ -66,9 +66,13 @@ def log_dataset(path: str | Path, name: str, digest: str, context: str, n_patche
 
     path = Path(path).resolve()
     try:
+        import warnings
+
         from mlflow.data.dataset_source_registry import resolve_dataset_source
 
-        source = resolve_dataset_source(str(path))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local-file source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
     except Exception:  # an MLflow without a local-file source: keep the record, without the input
         source = None
     if source is not None:

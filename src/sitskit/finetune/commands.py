@@ -55,8 +55,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
                                      "beside the prediction file)")
         p.add_argument("--figures", type=int, default=3, help="patches drawn in patches.png")
     else:
-        p.add_argument("--out", required=True, help="prediction file to write (.h5)")
+        p.add_argument("--out", help="prediction file to write (.h5; default with --geotiff: MAP.h5 beside it)")
         p.add_argument("--probs", action="store_true", help="also write per-class probabilities (float16)")
+        p.add_argument("--geotiff", help="also write one stitched GeoTIFF map of the area (a geotiff data file; "
+                                         "docs/own_region.md); implies --probs for smooth blending, and --all")
+        p.add_argument("--parcels", help="with --geotiff: parcel table (GeoPackage) of predicted vs declared class")
+        p.add_argument("--prob-bands", action="store_true", help="with --geotiff: per-class probability bands")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--split", help="test | val | train (the run's selections), or an MTLCC/geotiff split name")
@@ -220,6 +224,15 @@ def predict_command(args) -> int:
     from sitskit.finetune.main_finetune import data_info
     from sitskit.finetune.predictions import PredictionWriter
 
+    if args.parcels and not args.geotiff:
+        raise UserFacingError("--parcels needs --geotiff MAP.tif")
+    if args.geotiff:
+        args.out = args.out or str(Path(args.geotiff).with_suffix(".h5"))
+        args.probs = True
+        if not (args.split or args.folds):
+            args.all = True
+    if not args.out:
+        raise UserFacingError("finetune.py predict: give --out PRED.h5 (or --geotiff MAP.tif)")
     model, meta, run_dir = load_checkpoint(args.checkpoint)
     if meta.get("task") == "panoptic":
         from sitskit.finetune import panoptic_stage
@@ -243,7 +256,20 @@ def predict_command(args) -> int:
         writer.file.attrs["selection"] = label
         writer.file.attrs["cutoff"] = json.dumps(cutoff)
     print(f"wrote {args.out} ({len(ds.ids)} patches of {args.data})")
+    if args.geotiff:
+        write_region_maps(args)
     return 0
+
+
+def write_region_maps(args) -> None:
+    """The stitched GeoTIFF (+ parcel table) of a geotiff data file from the prediction file just written."""
+    from sitskit.geo.maps import export_maps
+
+    out = export_maps(args.data, args.geotiff, predictions_h5=args.out, parcels_out=args.parcels,
+                      prob_bands=args.prob_bands)
+    for kind, path in out.items():
+        if path is not None:
+            print(f"wrote {kind}: {path}")
 
 
 def _has_instances(path: Path) -> bool:
