@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help=f"shape {QUICK_SHAPE} instead of {SHAPE}")
     parser.add_argument("--only", default=None, help="comma-separated model names")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"instead of B={SHAPE[0]}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-warmup", action="store_true")
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
 
     models = args.only.split(",") if args.only else MODELS
     shape = QUICK_SHAPE if args.quick else SHAPE
+    if args.batch_size:
+        shape = (args.batch_size, *shape[1:])
     rows = []
     for model in models:
         cells = {"params": ""}
