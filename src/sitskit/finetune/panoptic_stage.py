@@ -250,7 +250,7 @@ class PanopticSampler:
 
 def instance_outlines(instances: np.ndarray) -> np.ndarray:
     """bool [H, W]: pixels of an instance (id > 0) with a 4-neighbour of another id (or the image border)."""
-    padded = np.pad(instances, 1, mode="edge")
+    padded = np.pad(instances, 1, constant_values=-1)
     centre = padded[1:-1, 1:-1]
     edge = np.zeros(instances.shape, bool)
     for dy, dx in ((0, 1), (1, 0), (1, 2), (2, 1)):
