@@ -27,7 +27,7 @@ from pathlib import Path
 from sitskit.errors import UserFacingError
 
 KINDS = ("labels", "early-season", "cross-year", "models", "noise")
-METRICS = ("OA", "mIoU", "mF1", "kappa")
+METRICS = ("OA", "mIoU", "mF1", "kappa", "PQ", "SQ", "RQ")  # PQ / SQ / RQ: panoptic runs (--task panoptic)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -173,10 +173,11 @@ def summary_table(rows: list[dict], kind: str) -> str:
         groups.setdefault((r["label"], r["x"]), []).append(r)
     head = {"labels": "label share", "early-season": "cut-off", "cross-year": "encoder", "models": "model",
             "noise": "sigma"}[kind]
-    lines = [f"| encoder / setting | {head} | seeds | " + " | ".join(METRICS) + " | train s |",
-             "|---|---|---:|" + "---:|" * (len(METRICS) + 1)]
+    shown = [m for m in METRICS if any(r.get(m) is not None for r in rows)] or list(METRICS[:4])
+    lines = [f"| encoder / setting | {head} | seeds | " + " | ".join(shown) + " | train s |",
+             "|---|---|---:|" + "---:|" * (len(shown) + 1)]
     for (label, x), rs in groups.items():
-        cells = [_mean_sd([r[m] for r in rs]) for m in METRICS]
+        cells = [_mean_sd([r[m] for r in rs]) for m in shown]
         secs = [r["train_seconds"] for r in rs if r["train_seconds"] is not None]
         wall = f"{sum(secs) / len(secs):.0f}" if secs else "n/a"
         lines.append(f"| {label} | {x} | {len(rs)} | " + " | ".join(cells) + f" | {wall} |")
