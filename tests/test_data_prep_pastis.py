@@ -10,10 +10,10 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pytest
+from h5compare import h5_differences
 
 from sitskit.data_prep import convert_pastis
 from sitskit.data_prep.cli import main as cli_main
-from sitskit.data_prep.h5schema import h5_differences
 
 
 def simulate_pastis(out, **kw):

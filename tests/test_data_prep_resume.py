@@ -10,9 +10,10 @@ from pathlib import Path
 
 import h5py
 import pytest
+from h5compare import h5_differences
 
 from sitskit.data_prep import convert_pastis
-from sitskit.data_prep.h5schema import KILL_HOOK_ENV, h5_differences
+from sitskit.data_prep.h5schema import _TEST_KILL_HOOK_ENV as KILL_HOOK_ENV
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from shapely.geometry import Point, Polygon, box
 
 from sitskit.data.datasets import build_dataset
 from sitskit.data_prep.cli import main as data_prep
-from sitskit.data_prep.h5schema import h5_differences
+from h5compare import h5_differences
 from sitskit.errors import UserFacingError
 from sitskit.geo import labels as L
 from sitskit.geo import patches as P
@@ -271,7 +271,7 @@ def test_killed_conversion_resumes_to_the_same_file(region, region_h5, tmp_path)
     import signal
     import subprocess
 
-    from sitskit.data_prep.h5schema import KILL_HOOK_ENV
+    from sitskit.data_prep.h5schema import _TEST_KILL_HOOK_ENV as KILL_HOOK_ENV
     out = tmp_path / "k.h5"
     args = [sys.executable, "-m", "sitskit.data_prep.cli", *convert_args(region, out)]
     env = {**os.environ, KILL_HOOK_ENV: "2.5", "OMP_NUM_THREADS": "1"}  # halfway through the 3rd patch

@@ -268,7 +268,7 @@ def test_sigterm_saves_marks_mlflow_killed_and_resume_from_the_folder_alone_is_e
     out = launch(workdir, run_args(tiny_h5, "termed"), {"KILL_AT_STEP": "10", "KILL_SIGNAL": "TERM"})
     assert out.returncode == 143, out.stderr[-2000:]
     run_dir = workdir / "ckpt" / "termed"
-    assert sorted((run_dir / "state").glob("step_*"))[-1].name == "step_00000010"
+    assert max((run_dir / "state").glob("step_*")).name == "step_00000010"
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     progress = json.loads((run_dir / "state" / "step_00000010" / "progress.json").read_text())
     run_id = progress["train_state"]["mlflow_run_id"]
@@ -305,7 +305,7 @@ def test_a_pickle_in_a_state_folder_is_refused_and_never_runs(reference_run, tin
 
     import pickle
 
-    last = sorted((victim / "state").glob("step_*"))[-1]
+    last = max((victim / "state").glob("step_*"))
     (last / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(Payload()))
     out = launch(workdir, ["--resume", "ckpt/tampered", "--train.max_steps", str(STEPS + 2)])
     assert out.returncode == 2 and "custom_checkpoint_0.pkl" in out.stderr and "never unpickled" in out.stderr
@@ -321,7 +321,7 @@ def test_mixed_precision_comes_from_accelerate_unless_the_config_sets_it(tiny_h5
     out = launch(workdir, run_args(tiny_h5, "bf16", "--train.max_steps", "2"),
                  {"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert out.returncode == 0, out.stderr[-2000:]
-    client, run = mlflow_run(workdir, workdir / "ckpt" / "bf16")
+    _client, run = mlflow_run(workdir, workdir / "ckpt" / "bf16")
     assert run.data.tags["mixed_precision"] == "bf16"
     fp16 = launch(workdir, run_args(tiny_h5, "fp16", "--train.mixed_precision", "fp16", "--train.cpu", "true"))
     assert fp16.returncode == 2 and "fp16 needs a GPU" in fp16.stderr

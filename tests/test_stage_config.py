@@ -1,6 +1,6 @@
 """sitskit.stage.config: typed sections, presets, dotted overrides, one-line errors, --help."""
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -29,7 +29,7 @@ class Model:
     """model"""
     kwargs: dict = field(default_factory=dict)
     """free-form"""
-    crop: Optional[int] = None
+    crop: int | None = None
     """crop"""
 
 

@@ -38,7 +38,7 @@ def start_run(experiment: str, run_name: str, run_id: str | None = None, parent_
             mlflow.set_experiment(experiment)
             tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
             return mlflow.start_run(run_name=run_name, tags=tags)
-        except Exception as exc:  # sqlite "database is locked" / "table already exists" while another creates it
+        except Exception as exc:
             if attempt == 5 or not _is_store_race(exc):
                 raise
             time.sleep(0.5 + random.random() * 1.5)
@@ -73,7 +73,7 @@ def log_dataset(path: str | Path, name: str, digest: str, context: str, n_patche
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local-file source
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(path))
-    except Exception:  # an MLflow without a local-file source: keep the record, without the input
+    except Exception:  # noqa: BLE001 — an MLflow without a local-file source: keep the record, without the input
         source = None
     if source is not None:
         mlflow.log_input(MetaDataset(source=source, name=name, digest=digest[:36]), context=context)
@@ -96,7 +96,7 @@ def download_run_artifact(uri: str, cache_root: str | Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target.parent))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         from sitskit.errors import UserFacingError
 
         raise UserFacingError(f"{uri}: cannot download from the MLflow store {tracking_uri()} "

@@ -295,7 +295,7 @@ class _mlflow_run:
 
                 tracking.start_run("", "", run_id=self.run_id)
                 self.active = True
-            except Exception:
+            except Exception:  # noqa: BLE001
                 self.active = False
         return self
 

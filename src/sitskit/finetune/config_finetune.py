@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from sitskit.stage.config import check, finite
 from sitskit.stage.sections import OptimSection, OutputSection, RunSection, TrainSection
 
-LabelSubset = Optional[Union[int, float, str, list[int]]]
+LabelSubset = int | float | str | list[int] | None
 
 
 @dataclass
@@ -20,7 +20,7 @@ class FinetuneRunSection(RunSection):
 @dataclass
 class FinetuneDataSection:
     """data: training / validation / test selections and how samples are read (docs/datasets.md)."""
-    path: Optional[str] = None
+    path: str | None = None
     """HDF5 file written by `python data_prep.py pastis|mtlcc|geotiff` (required)"""
     folds: list[int] = field(default_factory=list)
     """PASTIS training folds ([] with a label_subset list: the list decides)"""
@@ -28,11 +28,11 @@ class FinetuneDataSection:
     """PASTIS validation folds ([] = no validation unless val_label_subset is set)"""
     test_folds: list[int] = field(default_factory=list)
     """PASTIS test folds, scored after training with the best model ([] = none)"""
-    split: Optional[str] = None
+    split: str | None = None
     """MTLCC / geotiff training split (train)"""
-    val_split: Optional[str] = None
+    val_split: str | None = None
     """MTLCC / geotiff validation split"""
-    test_split: Optional[str] = None
+    test_split: str | None = None
     """MTLCC / geotiff test split (MTLCC: eval)"""
     years: list[int] = field(default_factory=list)
     """MTLCC years of every selection ([] = all)"""
@@ -42,19 +42,19 @@ class FinetuneDataSection:
     """the validation selection's subset (e.g. stcln_pastis_val)"""
     norm: Literal["source", "train", "none"] = "source"
     """standardisation: the source's statistics of the training folds, pooled over the training patches, or none"""
-    crop: Optional[int] = None
+    crop: int | None = None
     """training crop size in px; null = full patches"""
     crop_mode: Literal["random", "grid"] = "random"
     """one random crop per patch and epoch, or every grid cell"""
-    crop_cells: Optional[list[tuple[int, int]]] = None
+    crop_cells: list[tuple[int, int]] | None = None
     """explicit crop cells (row, col) in crop units, e.g. STCLN's [[0, 0], [1, 1]]"""
-    num_dates: Optional[int] = None
+    num_dates: int | None = None
     """draw this many dates per training access (MTLCC: 30); null = all"""
-    eval_num_dates: Optional[int] = None
+    eval_num_dates: int | None = None
     """dates drawn per validation / test patch (a fixed, seeded draw; the cross-year protocol's T = 12); null = all"""
-    max_doy: Optional[int] = None
+    max_doy: int | None = None
     """early season: only dates up to this day of year, in training and evaluation"""
-    max_date: Optional[str] = None
+    max_date: str | None = None
     """early season: only dates up to this date (YYYY-MM-DD), in training and evaluation"""
     augment: bool = False
     """time-consistent flips and 90-degree rotations"""
@@ -104,12 +104,12 @@ class FinetuneModelSection:
     """registered model (sitskit.models.list_models()): stcln (encoder + STA head), utae, …"""
     kwargs: dict = field(default_factory=dict)
     """keyword arguments of sitskit.models.build (per key: --model.kwargs.dropout 0.2)"""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """encoder weights: pretrain.py's export folder, an MLflow runs:/<id>/encoder URI, or a released STCLN
     checkpoint file; null = from scratch"""
     freeze_encoder: bool = False
     """train only the head (linear probe of the encoder)"""
-    encoder_lr: Optional[float] = None
+    encoder_lr: float | None = None
     """learning rate of the encoder (null = optim.lr)"""
 
     def __post_init__(self):
@@ -120,7 +120,7 @@ class FinetuneModelSection:
 @dataclass
 class LossSection:
     """loss: cross-entropy; void (PASTIS 19, MTLCC 0) is always ignored."""
-    class_weights: Optional[Union[Literal["inverse_frequency", "inverse_sqrt"], list[float]]] = None
+    class_weights: Literal["inverse_frequency", "inverse_sqrt"] | list[float] | None = None
     """null = uniform; inverse_frequency / inverse_sqrt of the training pixels; or one weight per class"""
     ignore_background: bool = False
     """also ignore PASTIS background (0), as the STCLN reference"""
@@ -143,7 +143,7 @@ class EvalSection:
     """epochs between validations"""
     patience: int = 0
     """early stopping: validations without improvement before stopping (0 = never)"""
-    window: Optional[int] = None
+    window: int | None = None
     """score full patches with an overlapping sliding window of this size (null = one forward per patch)"""
     overlap: float = 0.5
     """sliding-window overlap"""

@@ -65,8 +65,8 @@ def write_evaluation(out_dir: Path, metrics: dict, class_names: list[str], ignor
 def metrics_table(metrics: dict, title: str) -> str:
     """A short markdown table: headline metrics, then per-class IoU / F1 / support."""
     head = " | ".join(f"{k} {_fmt(metrics.get(k))}" for k in METRIC_KEYS)
-    lines = [f"{title}: {head}  ({metrics.get('n_patches', '?')} patches, {metrics.get('n_pixels', 0):,} pixels, "
-             f"protocol {metrics.get('protocol')})", "", "| class | IoU | F1 | support |", "|---|---:|---:|---:|"]
+    lines = [(f"{title}: {head}  ({metrics.get('n_patches', '?')} patches, {metrics.get('n_pixels', 0):,} pixels, "
+             f"protocol {metrics.get('protocol')})"), "", "| class | IoU | F1 | support |", "|---|---:|---:|---:|"]
     for name, row in metrics.get("per_class", {}).items():
         lines.append(f"| {name} | {_fmt(row['IoU'])} | {_fmt(row['F1'])} | {row['support']:,} |")
     return "\n".join(lines)

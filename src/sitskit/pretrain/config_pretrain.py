@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from sitskit.stage.config import check, finite
 from sitskit.stage.sections import OptimSection, OutputSection, RunSection, TrainSection
@@ -11,23 +11,23 @@ from sitskit.stage.sections import OptimSection, OutputSection, RunSection, Trai
 @dataclass
 class PretrainDataSection:
     """data: which patches, how they are read and batched (docs/datasets.md)."""
-    path: Optional[str] = None
+    path: str | None = None
     """HDF5 file written by `python data_prep.py pastis|mtlcc|geotiff` (required)"""
     folds: list[int] = field(default_factory=list)
     """PASTIS folds ([] = all); STCLN pre-trains on fold 5"""
-    split: Optional[str] = None
+    split: str | None = None
     """MTLCC split (train | test | eval) or geotiff split (train | val | test)"""
     years: list[int] = field(default_factory=list)
     """MTLCC years ([] = all)"""
     norm: Literal["source", "train", "none"] = "source"
     """standardisation: the source's statistics, pooled over the selected patches, or none"""
-    crop: Optional[int] = None
+    crop: int | None = None
     """crop size in px; null = full patches"""
     crop_mode: Literal["random", "grid"] = "random"
     """one random crop per patch and epoch, or every cell of a grid"""
-    num_dates: Optional[int] = None
+    num_dates: int | None = None
     """draw this many dates per access (MTLCC: 30); null = all"""
-    max_doy: Optional[int] = None
+    max_doy: int | None = None
     """keep only dates up to this day of year (early season)"""
     sat: str = "S2"
     """which series (S2, or S1A/S1D in PASTIS-R)"""

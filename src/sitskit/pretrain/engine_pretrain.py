@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+
 import torch
 
 from sitskit.pretrain.masking import MaskGenerator, step_generator, step_seed
-from sitskit.stage.state import TrainState  # noqa: F401  (re-exported: the state a pre-training run saves)
+from sitskit.stage.state import TrainState
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,9 +59,9 @@ class Pretrainer(Stage):
         path = Path(d["path"])
         if not path.is_file():
             raise UserFacingError(f"data.path: {path} does not exist")
-        common = dict(task="pretrain", folds=d["folds"] or None, split=d["split"], years=d["years"] or None,
-                      norm=None if d["norm"] == "none" else d["norm"], crop=d["crop"], crop_mode=d["crop_mode"],
-                      num_dates=d["num_dates"], max_doy=d["max_doy"], seed=self.cfg["run"]["seed"], sat=d["sat"])
+        common = {"task": "pretrain", "folds": d["folds"] or None, "split": d["split"], "years": d["years"] or None,
+                      "norm": None if d["norm"] == "none" else d["norm"], "crop": d["crop"], "crop_mode": d["crop_mode"],
+                      "num_dates": d["num_dates"], "max_doy": d["max_doy"], "seed": self.cfg["run"]["seed"], "sat": d["sat"]}
         try:
             full = build_dataset(path, **common)
             holdout = None

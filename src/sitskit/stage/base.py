@@ -208,7 +208,7 @@ class Stage:
             self.mlflow_run = tracking.start_run(self.cfg["run"]["experiment"], self.run_dir.name,
                                                  run_id=self.state.mlflow_run_id or None,
                                                  parent_run_id=os.environ.get("SITSKIT_PARENT_RUN_ID"))
-        except Exception as exc:  # e.g. resuming against another tracking store
+        except Exception as exc:  # noqa: BLE001 — e.g. resuming against another tracking store
             if not resumed:
                 raise UserFacingError(f"MLflow store {tracking.tracking_uri()}: cannot start a run "
                                       f"({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

@@ -99,7 +99,7 @@ def parse_config(argv: list[str], sections: dict[str, type], *, prog: str, descr
                 yaml.safe_dump({k: v for k, v in base.items() if k in sections}, f)
             argv = ["--config", tmp, *argv]
         ns = parser.parse_args(argv)
-    except Exception as exc:  # jsonargparse.ArgumentError, with a multi-line message
+    except Exception as exc:  # noqa: BLE001 — jsonargparse.ArgumentError, with a multi-line message
         raise UserFacingError(_one_line(exc)) from None
     finally:
         if tmp:

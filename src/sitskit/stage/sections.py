@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from sitskit.stage.config import check, finite
 
@@ -35,7 +35,7 @@ class OutputSection:
     """output: where the run folder goes and how it is kept."""
     dir: str = "checkpoints"
     """output root; the run folder is <dir>/<name>"""
-    name: Optional[str] = None
+    name: str | None = None
     """run name = folder under output.dir; default: <stage>-<data file stem>-<UTC time>"""
     save_every: int = 500
     """optimiser steps between saved states (also saved at the end and on SIGINT/SIGTERM)"""
@@ -92,11 +92,11 @@ class TrainSection:
     (docs/architecture.md, "Precedence")."""
     epochs: int = 100
     """passes over the training data"""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """optimiser steps; overrides epochs when set"""
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     """null = what accelerate launch / accelerate config say (ACCELERATE_MIXED_PRECISION), else this"""
-    cpu: Optional[bool] = None
+    cpu: bool | None = None
     """force the CPU; null = accelerate's choice (ACCELERATE_USE_CPU, else a GPU when present)"""
 
     def __post_init__(self):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 
+from typing_extensions import Self
+
 
 class StopRequest:
     """Installed for the duration of a `with` block, in every process."""
@@ -18,7 +20,7 @@ class StopRequest:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> Self:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
