@@ -64,7 +64,7 @@ def make_case(name: str, args, device):
     torch.manual_seed(0)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     if name.startswith("utae"):
-        ours = build("utae", mode="reference").to(device)
+        ours = build("utae", mode="reference", channels_last=args.channels_last).to(device)
         ref = ReferenceUTAE().to(device)
         ref.load_state_dict(ours.state_dict(), strict=True)
         x, dates, pad = series(args.batch, args.dates, 10, args.utae_size, device, pad_last=0.1)
@@ -231,6 +231,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both")
     p.add_argument("--compile", action="store_true", help="torch.compile sitskit's model")
+    p.add_argument("--channels-last", action="store_true", help="sitskit's U-TAE with channels_last=True")
     p.add_argument("--memory", action="store_true", help="also measure the peak RSS increase per case")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -239,7 +240,7 @@ def main(argv=None) -> None:
         return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"bf16={args.bf16}, compile={args.compile}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"bf16={args.bf16}, compile={args.compile}, channels_last={args.channels_last}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     for name in args.only:
         res = run_interleaved(name, args, device)

@@ -141,6 +141,8 @@ class UTAE(nn.Module):
       -> logits [B,K,H,W]; with return_maps: (out [B,32,H,W], [ltae_out 128@H/8, up0 64@H/4,
       up1 32@H/2, up2 32@H]) — the decoder maps for a panoptic head (utae-paps' `encoder=True`).
     H and W must be divisible by 2**(len(encoder_widths)-1) (8 by default).
+    channels_last=True stores the 2-D convolution weights and runs the frames in NHWC (oneDNN's preferred
+    layout on CPU; same state-dict keys and values, outputs returned with standard strides).
     """
 
     def __init__(self, in_channels: int = 10, num_classes: int = 20,
@@ -149,7 +151,7 @@ class UTAE(nn.Module):
                  str_conv_k: int = 4, str_conv_s: int = 2, str_conv_p: int = 1, agg_mode: str = "att_group",
                  encoder_norm: str = "group", n_head: int = 16, d_model: int = 256, d_k: int = 4,
                  ltae_dropout: float = 0.2, padding_mode: str = "reflect", mode: str = "clean",
-                 return_maps: bool = False):
+                 return_maps: bool = False, channels_last: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -177,6 +179,9 @@ class UTAE(nn.Module):
             raise ValueError(f"att_group needs encoder widths divisible by n_head={n_head}")
         if mode == "reference":
             self.apply(reference_weight_init)
+        self.channels_last = channels_last
+        if channels_last:  # NHWC weights and frames: oneDNN's preferred layout (docs/models.md, "Performance")
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 return_maps: bool | None = None):
@@ -192,12 +197,19 @@ class UTAE(nn.Module):
             out = up(out, skip)
             maps.append(out)
         if self.return_maps if return_maps is None else return_maps:
+            if self.channels_last:  # standard strides for the caller (views, a panoptic head)
+                maps = [m.contiguous() for m in maps]
+                out = maps[-1]
             return out, maps
-        return self.out_conv(out)
+        logits = self.out_conv(out)
+        return logits.contiguous() if self.channels_last else logits
 
     def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
         """Shared spatial encoder on the valid frames only -> per level [B,T,C_l,H/2^l,W/2^l] (pads = 0)."""
-        frames = self.in_conv(gather_frames(x, pad_mask))
+        frames = gather_frames(x, pad_mask)
+        if self.channels_last:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        frames = self.in_conv(frames)
         levels = [frames]
         for down in self.down_blocks:
             frames = down(frames)

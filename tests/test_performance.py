@@ -1,0 +1,97 @@
+"""Speed options keep the results: shared-memory collate in workers, channels-last U-TAE (issue 13)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sitskit.data import pad_collate
+from sitskit.models import build
+
+torch.set_num_threads(1)
+
+
+class VariableLengthSeries(Dataset):
+    """Sample i: T = 2 + i % 3 dates, image filled with i + 1, label filled with i."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        t = 2 + i % 3
+        return {"image": torch.full((t, 2, 3, 3), float(i + 1)), "dates": torch.arange(1, t + 1),
+                "semantic": torch.full((3, 3), i), "id": f"p{i}"}
+
+
+def expected_batch(indices):
+    ds = VariableLengthSeries()
+    return pad_collate([ds[i] for i in indices])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pad_collate_values_with_and_without_workers(workers):
+    batches = list(DataLoader(VariableLengthSeries(), batch_size=3, collate_fn=pad_collate, num_workers=workers))
+    assert len(batches) == 2
+    for batch, indices in zip(batches, ([0, 1, 2], [3, 4, 5])):
+        ref = expected_batch(indices)
+        assert batch["id"] == [f"p{i}" for i in indices]
+        for key in ("image", "dates", "semantic", "pad_mask"):
+            assert torch.equal(batch[key], ref[key]), key
+        # sample 0 of each batch has 2 dates of 4: the last two steps are zero and flagged
+        assert batch["image"][0, 2:].abs().sum() == 0 and batch["pad_mask"][0].tolist() == [False, False, True, True]
+        assert batch["image"][0, :2].unique().item() == indices[0] + 1
+        # in a worker the tensors arrive in shared memory (no extra copy on the way to the main process)
+        assert batch["image"].is_shared() == (workers > 0)
+        assert batch["semantic"].is_shared() == (workers > 0)
+
+
+def test_pad_collate_zeroes_padding_in_reused_shared_memory(monkeypatch):
+    """Shared storage is not guaranteed to be zero: the padded tail must be written explicitly."""
+    import sitskit.data.collate as collate
+
+    monkeypatch.setattr(collate, "get_worker_info", lambda: object())  # behave as inside a worker
+    real_new = collate._empty_like_batch
+
+    def dirty(elem, shape, shared):
+        out = real_new(elem, shape, shared)
+        assert out.is_shared()
+        return out.fill_(7)
+
+    monkeypatch.setattr(collate, "_empty_like_batch", dirty)
+    ds = VariableLengthSeries()
+    batch = collate.pad_collate([ds[0], ds[2]])
+    assert batch["image"][0, 2:].abs().sum() == 0 and batch["dates"][0].tolist() == [1, 2, 0, 0]
+    assert batch["image"][1].unique().item() == 3.0
+
+
+@pytest.mark.parametrize("mode", ["clean", "reference"])
+def test_utae_channels_last_same_outputs_and_gradients(mode):
+    torch.manual_seed(0)
+    plain = build("utae", mode=mode, encoder_widths=(16, 16, 32), decoder_widths=(16, 16, 32), n_head=4,
+                  d_model=32, out_conv_width=8)
+    fast = build("utae", mode=mode, encoder_widths=(16, 16, 32), decoder_widths=(16, 16, 32), n_head=4,
+                 d_model=32, out_conv_width=8, channels_last=True)
+    fast.load_state_dict(plain.state_dict(), strict=True)
+    assert fast.in_conv.conv.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 5, 10, 16, 16)
+    dates = torch.sort(torch.randint(0, 365, (2, 5)), dim=1).values
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    x[pad] = 0
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        a, b = plain(x, dates, pad), fast(x, dates, pad)
+    assert b.is_contiguous() and a.shape == b.shape == (2, 20, 16, 16)
+    assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    if mode == "reference":  # its N(0, 1) BatchNorm init amplifies summation-order noise in the gradients
+        return
+    for m in (plain, fast):  # train mode, dropout off: same gradients
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        m(x, dates, pad).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    maps = fast(x, dates, pad, return_maps=True)[1]  # contiguous for a panoptic head's views
+    assert all(m.is_contiguous() for m in maps)
