@@ -7,8 +7,10 @@ the 4 blocks (144 channels). Per pixel: + sinusoidal encoding of the calendar da
 encoder (1 post-LN layer, 8 heads, FFN 256, padded dates masked) -> mean over the valid dates. Head:
 Conv(144 -> 64)+BN+ReLU, Conv(64 -> K)+BN (plain logits, no ReLU). 446,908 parameters (10 ch / 20 cl).
 
-The pixels go through the Transformer in chunks of `pixel_chunk` sequences (optionally checkpointed in
-training, `grad_checkpointing=True`), so a 128x128 patch needs a few GB.
+The pixels go through the Transformer in chunks of `pixel_chunk` sequences, so a 128x128 patch needs a
+few GB in inference. `grad_checkpointing=True` recomputes, in backward, the spatial encoder (in groups of
+FRAME_CHUNK frames) and each Transformer chunk: the training memory of the full-resolution activations
+is then a few GB too, at the cost of a second forward.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from sitskit.models.registry import register_model
 from sitskit.models.utae import ConvLayer
 
 PASTIS_REFERENCE_DOY = 244  # 2018-09-01, the PASTIS reference date (docs/datasets.md)
+FRAME_CHUNK = 4  # frames per checkpointed spatial-encoder call
 DILATIONS = ((1, 2, 3), (2, 4, 6), (4, 8, 12), (8, 16, 24))
 
 
@@ -96,7 +99,7 @@ class STENN(nn.Module):
                 doy: torch.Tensor | None = None) -> torch.Tensor:
         check_inputs(x, dates, pad_mask, self.in_channels, "stenn")
         b, _, _, h, w = x.shape
-        feats = apply_to_valid_frames(self.spatial_encoder, x, pad_mask)  # [B, T, D, H, W], pads 0
+        feats = apply_to_valid_frames(self._encode_frames, x, pad_mask)  # [B, T, D, H, W], pads 0
         positions = calendar_doy(dates, self.reference_doy) if doy is None else doy
         feats = feats + self.position_encoding(positions)[:, :, :, None, None]
         tokens = self.pe_dropout(rearrange(feats, "b t d h w -> (b h w) t d"))
@@ -105,6 +108,14 @@ class STENN(nn.Module):
                                                None if seq_pad is None else seq_pad[i:i + self.pixel_chunk])
                             for i in range(0, tokens.shape[0], self.pixel_chunk)])
         return self.out_conv(rearrange(pooled, "(b h w) d -> b d h w", b=b, h=h, w=w))
+
+    def _encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [N, C, H, W] -> [N, D, H, W]; with grad_checkpointing in groups of FRAME_CHUNK frames, each
+        recomputed in backward (the full-resolution dense blocks dominate training memory otherwise)."""
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return self.spatial_encoder(frames)
+        return torch.cat([checkpoint(self.spatial_encoder, group, use_reentrant=False)
+                          for group in frames.split(FRAME_CHUNK)])
 
     def _encode_chunk(self, tokens: torch.Tensor, seq_pad: torch.Tensor | None) -> torch.Tensor:
         """tokens [n, T, D], seq_pad [n, T] | None -> mean over valid dates of the Transformer output [n, D]"""
