@@ -70,6 +70,12 @@ class STAHead(nn.Module):
         h = feats.shape[-2]
         feats = rearrange(feats, "b t d h w -> b (h w) t d")
         cnn_feats = rearrange(cnn_feats, "b t d h w -> b (h w) t d")
+        return self.forward_tokens(feats, cnn_feats, pad_mask, h)
+
+    def forward_tokens(self, feats: torch.Tensor, cnn_feats: torch.Tensor, pad_mask: torch.Tensor | None,
+                       height: int) -> torch.Tensor:
+        """`forward` on per-pixel layouts: feats, cnn_feats [B, H*W, T, D] -> logits [B, K, height, W]."""
+        h = height
         query = self.query(feats).flatten(2)  # [B, N, T*D], date-major like the reference
         key = self.key(cnn_feats)
         if pad_mask is not None:

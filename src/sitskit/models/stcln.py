@@ -137,15 +137,20 @@ class STCLNEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor,
                 pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        check_inputs(x, dates, pad_mask, self.in_channels, "stcln_encoder")
         h = x.shape[-2]
+        tokens, cnn_feats = self.forward_tokens(x, dates, pad_mask)
+        feats = rearrange(tokens, "b (h w) t d -> b t d h w", h=h)
+        return feats, cnn_feats
+
+    def forward_tokens(self, x: torch.Tensor, dates: torch.Tensor,
+                       pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` in the per-pixel layout, without the transposes back to images:
+        -> (tokens [B, H*W, T, D] Transformer output, cnn_feats [B,T,D,H,W]); padded dates are 0."""
+        check_inputs(x, dates, pad_mask, self.in_channels, "stcln_encoder")
         cnn_feats = self.embed_frames(x, pad_mask)
         tokens = rearrange(cnn_feats, "b t d h w -> b (h w) t d")
-        tokens = self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask)
-        feats = rearrange(tokens, "b (h w) t d -> b t d h w", h=h)
-        if pad_mask is not None:
-            feats = feats.masked_fill(pad_mask[:, :, None, None, None], 0.0)
-        return feats, cnn_feats
+        # PixelTransformer returns exact zeros at padded dates (they never enter the layers)
+        return self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask), cnn_feats
 
     def embed_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Per-date CNN on the valid frames only. [B,T,C,H,W] -> [B,T,D,H,W]."""
@@ -184,9 +189,9 @@ class STCLNPretrain(nn.Module):
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
             x = self.apply_mask(x, mask)
-        feats, _ = self.encoder(x, dates, pad_mask)
-        pred = self.decoder(rearrange(feats, "b t d h w -> b t h w d"))
-        return rearrange(pred, "b t h w c -> b t c h w")
+        tokens, _ = self.encoder.forward_tokens(x, dates, pad_mask)
+        pred = self.decoder(tokens)  # [B, H*W, T, C]: the D-wide features are never transposed
+        return rearrange(pred, "b (h w) t c -> b t c h w", h=x.shape[-2])
 
     def apply_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Replace every channel of the masked pixel-dates by the learnable scalar token."""
@@ -207,5 +212,6 @@ class STCLNClassifier(nn.Module):
         self.head = STAHead(self.encoder.d_model, num_classes, attn_chunk_size)
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        feats, cnn_feats = self.encoder(x, dates, pad_mask)
-        return self.head(feats, cnn_feats, pad_mask)
+        tokens, cnn_feats = self.encoder.forward_tokens(x, dates, pad_mask)
+        return self.head.forward_tokens(tokens, rearrange(cnn_feats, "b t d h w -> b (h w) t d"), pad_mask,
+                                        x.shape[-2])
