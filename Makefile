@@ -29,5 +29,5 @@ bench: $(STAMP)
 
 # What the demo, the README's commands and the tests leave in the checkout (not the venv)
 clean:
-	rm -rf $(DEMO) .pytest_cache mlflow.db mlartifacts
+	rm -rf $(DEMO) .pytest_cache mlflow.db mlflow.db.lock mlartifacts mlruns
 	find checkpoints -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +

@@ -96,3 +96,26 @@ def test_print_config_prints_resolved_yaml(capsys):
     assert main(["--config", "demo", "--data.path", "x.h5", "--print_config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["path"] == "x.h5" and printed["optim"]["lr"] == 1e-3
+
+
+def test_two_runs_starting_at_once_on_a_fresh_sqlite_store_both_start(tmp_path):
+    """MLflow creates a fresh sqlite store's tables on first use; two processes doing that at once raced."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from sitskit import tracking; r = tracking.start_run('race', sys.argv[1]); "
+            "import mlflow; mlflow.end_run(); print(r.info.run_id)")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'fresh.db'}")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"run{i}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert len({o[0].strip() for o in outs}) == 2
+
+
+def test_overwrite_flag_is_short_for_output_overwrite(capsys):
+    from sitskit.pretrain.main_pretrain import main
+
+    assert main(["--config", "demo", "--data.path", "x.h5", "--overwrite", "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output"]["overwrite"] is True

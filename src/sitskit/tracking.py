@@ -24,31 +24,58 @@ def tracking_uri() -> str:
 
 def start_run(experiment: str, run_name: str, run_id: str | None = None, parent_run_id: str | None = None):
     """Start (or, with `run_id`, resume) a run and return the mlflow.ActiveRun. `parent_run_id` nests it
-    (a sweep's child). Retried: two runs starting at once on a fresh sqlite store race on its creation."""
+    (a sweep's child). Two processes creating a fresh sqlite store at once corrupt its schema migration, so
+    starts on a sqlite store are serialised by a lock file beside it (and retried on a lost race)."""
     import random
     import time
 
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     for attempt in range(6):
         try:
-            if run_id is not None:
-                return mlflow.start_run(run_id=run_id)
-            mlflow.set_experiment(experiment)
-            tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
-            return mlflow.start_run(run_name=run_name, tags=tags)
-        except Exception as exc:
+            with _store_lock(uri):
+                if run_id is not None:
+                    return mlflow.start_run(run_id=run_id)
+                mlflow.set_experiment(experiment)
+                tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+                return mlflow.start_run(run_name=run_name, tags=tags)
+        except Exception as exc:  # noqa: BLE001 — a store race is retried; anything else propagates
             if attempt == 5 or not _is_store_race(exc):
                 raise
             time.sleep(0.5 + random.random() * 1.5)
     raise AssertionError("unreachable")
 
 
+class _store_lock:
+    """An exclusive flock on `<db>.lock` for a sqlite:/// store; a no-op for other stores."""
+
+    def __init__(self, uri: str):
+        self.path = uri[len("sqlite:///"):] + ".lock" if uri.startswith("sqlite:///") else None
+        self.fd = None
+
+    def __enter__(self):
+        if self.path:
+            import fcntl
+
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            import fcntl
+
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+
 def _is_store_race(exc: Exception) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return any(s in text for s in ("locked", "already exists", "unique constraint", "operationalerror",
-                                   "integrityerror"))
+                                   "integrityerror", "migration"))
 
 
 def last_logged_step(run_id: str, key: str) -> int:

@@ -32,7 +32,9 @@ def main(argv: list[str]) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        sys.stderr.close()
+        from sitskit.stage.cli import quiet_closed_pipe
+
+        quiet_closed_pipe()
         return 0
 
 

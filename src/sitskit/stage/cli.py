@@ -52,6 +52,7 @@ def run_main(main_fn, argv: list[str] | None, sections: dict[str, type], *, stag
              description: str) -> int:
     """Parse, run `main_fn(cfg, resume_dir) -> exit code`, and turn errors into one line + exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv = ["--output.overwrite=true" if a == "--overwrite" else a for a in argv]  # like data_prep's flag
     try:
         if help_requested(argv):
             print_help(sections, prog, description)
@@ -69,9 +70,20 @@ def run_main(main_fn, argv: list[str] | None, sections: dict[str, type], *, stag
     except KeyboardInterrupt:  # a second Ctrl-C: stop without saving
         print("interrupted without saving", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `--help | head`
-        sys.stderr.close()
+    except BrokenPipeError:  # e.g. `--help | head`: stop quietly, also at interpreter exit
+        quiet_closed_pipe()
         return 0
+
+
+def quiet_closed_pipe() -> None:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null so the final flush raises nothing."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _pop_resume(argv: list[str]) -> tuple[list[str], bool, str | None]:
