@@ -19,7 +19,7 @@ TINY = '{"encoder_widths": [8, 8, 8, 16], "decoder_widths": [8, 8, 8, 16], "d_mo
 
 def train_args(data, out, name, *extra):
     return ["--config", "demo_paps", "--data.path", str(data), "--data.folds", "[1, 2]", "--data.val_folds", "[3]",
-            "--data.test_folds", "[4, 5]", "--data.num_dates", "6", "--data.eval_batch_size", "1",
+            "--data.test_folds", "[4, 5]", "--data.crop", "null", "--data.num_dates", "6", "--data.eval_batch_size", "1",
             "--model.kwargs", TINY, "--output.dir", str(out), "--output.name", name, "--run.tracking", "false",
             "--run.progress", "false", "--train.epochs", "2", "--eval.every", "1", "--eval.figures", "1", *extra]
 
@@ -218,6 +218,7 @@ def test_prediction_writer_checks_instances(pastis_h5, tmp_path):
     attrs, items = read_instances(tmp_path / "a.h5", pastis_h5)
     assert attrs["has_instances"] == 1
     (key, s, i, c, p), = list(items)
+    assert np.array_equal(s, sem)
     assert key == "10000" and np.array_equal(i, inst) and c.tolist() == [3, 4] and p.dtype == np.float32
     with PredictionWriter(tmp_path / "b.h5", pastis_h5, model="utae", checkpoint="c") as w:
         with pytest.raises(UserFacingError, match="without instances=True"):
