@@ -288,3 +288,15 @@ def test_ablation_options_are_checked_by_build():
         build("utae_skip_mean", agg_mode="att_group")
     with pytest.raises(UserFacingError, match="encoder_norms"):
         build("utae_batchnorm", encoder_norms="group")
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_save_and_load_round_trip(name, tmp_path):
+    from sitskit.models import from_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    model = build(name, in_channels=10, num_classes=3).eval()
+    x, dates, pad_mask = make_batch(t=3, short=2)
+    restored = from_pretrained(save_pretrained(model, tmp_path / name))
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x, dates, pad_mask), model(x, dates, pad_mask))
