@@ -308,3 +308,18 @@ def test_region_predict_writes_a_stitched_geotiff_and_parcel_table(tmp_path, cap
 
     table = geopandas.read_file(gpkg)
     assert len(table) > 0 and {"agree"} <= set(table.columns)
+
+
+def test_two_cpu_processes_train_validate_and_score_each_patch_once(pastis_h5, workdir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), ACCELERATE_USE_CPU="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "helper.py",
+           *train_args(pastis_h5, "ddp", "--train.epochs", "1", "--data.val_folds", "[3,4]", "--data.test_folds",
+                       "[1,2,5]")]
+    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((workdir / "ckpt" / "ddp" / "test" / "metrics.json").read_text())
+    with h5py.File(pastis_h5) as f:
+        labelled = sum(int((f[f"patches/{k}/semantic"][()] != 19).sum()) for k in ("10000", "10001", "40000"))
+    assert metrics["n_patches"] == 3 and metrics["n_pixels"] == labelled  # 3 patches over 2 ranks, none twice
