@@ -156,7 +156,7 @@ def evaluate_panoptic(model, dataset, accelerator, num_classes: int, criterion=N
                           "semantic": out["pano_semantic"][i].cpu()})
         bar.update(len(batch["id"]))
     bar.close()
-    result = {"min_confidence": float(accelerator.unwrap_model(model).min_confidence)}
+    result = {"min_confidence": round(float(accelerator.unwrap_model(model).min_confidence), 6)}  # float32 buffer
     if tune:
         from accelerate.utils import gather_object
 

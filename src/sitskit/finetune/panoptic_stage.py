@@ -204,7 +204,7 @@ class PanopticFinetuner(Finetuner):
         core = self.accelerator.unwrap_model(self.model)
         return {"val_metric": SELECTION_METRIC,
                 "val_value": None if val_metrics is None else val_metrics[SELECTION_METRIC],
-                "min_confidence": float(core.min_confidence),
+                "min_confidence": round(float(core.min_confidence), 6),  # 0.39, not 0.38999998
                 "val_panoptic": None if val_metrics is None else
                 {k: val_metrics.get(k) for k in (*PANOPTIC_KEYS, "tune_score", "tune_centres")}}
 
@@ -443,7 +443,7 @@ def predict_checkpoint(args, model, meta: dict, run_dir: Path) -> int:
                           progress=True, desc=f"predict {label}")
         writer.file.attrs["selection"] = label
         writer.file.attrs["cutoff"] = json.dumps(cutoff)
-        writer.file.attrs["min_confidence"] = float(model.min_confidence)
+        writer.file.attrs["min_confidence"] = round(float(model.min_confidence), 6)
     print(f"wrote {args.out} ({len(ds.ids)} patches of {args.data}, with instances)")
     return 0
 
