@@ -122,7 +122,8 @@ def main(argv: list[str]) -> int:
                 cmd = _launcher(args.launcher) + [*base, *cell["args"], "--output.dir", str(out),
                                                   "--output.name", run_name, "--output.overwrite", "true",
                                                   "--run.progress", "false"]
-                print(f"[{i}/{len(cells)}] $ {shlex.join(cmd[len(_launcher(args.launcher)):])}", flush=True)
+                shown = ["finetune.py", *cmd[len(_launcher(args.launcher)):]]
+                print(f"[{i}/{len(cells)}] $ {shlex.join(shown)}", flush=True)
                 env = dict(os.environ, SITSKIT_PARENT_RUN_ID=parent.info.run_id)
                 t0 = time.perf_counter()
                 code = subprocess.call(cmd, env=env)
