@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import RawPastis  # noqa: E402
+from bench_data import RawPastis
 
-from sitskit.data import build_dataset, pad_collate  # noqa: E402
-from sitskit.data_prep import convert_pastis  # noqa: E402
-from sitskit.simulate import simulate_pastis  # noqa: E402
+from sitskit.data import build_dataset, pad_collate
+from sitskit.data_prep import convert_pastis
+from sitskit.simulate import simulate_pastis
 
 
 def private_pad_collate(samples: list[dict]) -> dict:

@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_stcln import ReferenceSTCLNClassifier, ReferenceSTCLNPretrain, copy_weights  # noqa: E402
-from reference_utae import ReferenceUTAE  # noqa: E402
+from reference_stcln import ReferenceSTCLNClassifier, ReferenceSTCLNPretrain, copy_weights
+from reference_utae import ReferenceUTAE
 
-from sitskit.constants import PASTIS_BANDS  # noqa: E402
-from sitskit.models import build  # noqa: E402
-from sitskit.pretrain.engine_pretrain import masked_mse  # noqa: E402
-from sitskit.pretrain.masking import MaskGenerator, step_generator  # noqa: E402
+from sitskit.constants import PASTIS_BANDS
+from sitskit.models import build
+from sitskit.pretrain.engine_pretrain import masked_mse
+from sitskit.pretrain.masking import MaskGenerator, step_generator
 
 CASES = ("utae-train", "utae-eval", "stcln-pretrain", "stcln-eval")
 

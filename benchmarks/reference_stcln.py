@@ -138,12 +138,12 @@ class ReferenceSTCLNClassifier(nn.Module):
         self.conv1 = nn.Conv2d(d, d, 1, bias=False)
         self.conv2 = nn.Conv2d(d, d, 1, bias=False)
         self.conv3 = nn.Conv2d(d, d, 1, bias=False)
-        self.l = nn.Parameter(torch.zeros(1))  # noqa: E741 (the reference's name)
+        self.l = nn.Parameter(torch.zeros(1))
         self.outlinear = nn.Linear(d, num_classes)
         self.d = d
 
     def forward(self, x):
-        b, t, c, h, w = x.shape
+        b, t, _, h, w = x.shape
         feats, x2 = self.encoder(x)  # [B,H,W,T,D], [B*T,D,H,W]
         n, d = h * w, self.d
         f = feats.permute(0, 3, 4, 1, 2).reshape(b * t, d, h, w)

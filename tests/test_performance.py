@@ -47,7 +47,7 @@ def test_pad_collate_values_with_and_without_workers(workers):
 
 def test_pad_collate_zeroes_padding_in_reused_shared_memory(monkeypatch):
     """Shared storage is not guaranteed to be zero: the padded tail must be written explicitly."""
-    import sitskit.data.collate as collate
+    from sitskit.data import collate
 
     monkeypatch.setattr(collate, "get_worker_info", lambda: object())  # behave as inside a worker
     real_new = collate._empty_like_batch

@@ -49,7 +49,7 @@ class ConvLayer(nn.Module):
         for i, (c_in, c_out) in enumerate(pairwise(widths)):
             layers += [nn.Conv2d(c_in, c_out, k, s, p, padding_mode=padding_mode), make_norm(norm, c_out)]
             if last_relu or i < len(widths) - 2:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))
         self.conv = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,8 @@ class UpConvBlock(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, d_skip: int, k: int, s: int, p: int, padding_mode: str):
         super().__init__()
-        self.skip_conv = nn.Sequential(nn.Conv2d(d_skip, d_skip, 1), nn.BatchNorm2d(d_skip), nn.ReLU())
-        self.up = nn.Sequential(nn.ConvTranspose2d(d_in, d_out, k, s, p), nn.BatchNorm2d(d_out), nn.ReLU())
+        self.skip_conv = nn.Sequential(nn.Conv2d(d_skip, d_skip, 1), nn.BatchNorm2d(d_skip), nn.ReLU(inplace=True))
+        self.up = nn.Sequential(nn.ConvTranspose2d(d_in, d_out, k, s, p), nn.BatchNorm2d(d_out), nn.ReLU(inplace=True))
         self.conv1 = ConvLayer([d_out + d_skip, d_out], norm="batch", padding_mode=padding_mode)
         self.conv2 = ConvLayer([d_out, d_out], norm="batch", padding_mode=padding_mode)
 
