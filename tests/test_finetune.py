@@ -323,3 +323,31 @@ def test_two_cpu_processes_train_validate_and_score_each_patch_once(pastis_h5, w
     with h5py.File(pastis_h5) as f:
         labelled = sum(int((f[f"patches/{k}/semantic"][()] != 19).sum()) for k in ("10000", "10001", "40000"))
     assert metrics["n_patches"] == 3 and metrics["n_pixels"] == labelled  # 3 patches over 2 ranks, none twice
+
+
+def test_sweep_runs_nested_cells_and_writes_the_table_and_plot(pastis_h5, workdir):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    preset = workdir / "sweep.yaml"
+    preset.write_text(textwrap.dedent(f"""
+        data: {{folds: [1, 2, 3], test_folds: [5], num_dates: 6, batch_size: 2}}
+        model: {{name: stcln, kwargs: {{encoder_kwargs: {TINY}}}}}
+        train: {{max_steps: 1}}
+        run: {{progress: false}}
+    """))
+    cmd = [sys.executable, str(REPO / "finetune.py"), "sweep", "labels", "--config", str(preset), "--data",
+           str(pastis_h5), "--seeds", "0", "1", "--fractions", "1.0", "--out", "sweep"]
+    out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = workdir / "sweep"
+    rows = (sweep / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("label,x,seed,run")
+    assert "scratch" in (sweep / "results.md").read_text() and (sweep / "labels.png").stat().st_size > 0
+    client = mlflow_client(workdir)
+    child_ids = [json.loads((sweep / f"scratch-1.0-s{s}" / "model" / "config.json").read_text())["mlflow_run_id"]
+                 for s in (0, 1)]
+    parents = {client.get_run(r).data.tags.get("mlflow.parentRunId") for r in child_ids}
+    assert len(parents) == 1 and None not in parents
+    assert client.get_run(parents.pop()).data.tags["sweep.kind"] == "labels"
+    again = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert again.returncode == 0 and "[1/2] $" not in again.stdout  # finished cells are not run again
