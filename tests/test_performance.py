@@ -95,3 +95,31 @@ def test_utae_channels_last_same_outputs_and_gradients(mode):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
     maps = fast(x, dates, pad, return_maps=True)[1]  # contiguous for a panoptic head's views
     assert all(m.is_contiguous() for m in maps)
+
+
+@pytest.mark.parametrize("strategy", ["time-space", "time", "space"])
+def test_masks_equal_the_double_argsort_ranking(strategy):
+    """The one-argsort + scatter ranking draws exactly the masks of the previous rank = argsort(argsort(noise))."""
+    from sitskit.pretrain.masking import random_masking, step_generator
+
+    b, t, h, w = 3, 7, 5, 6
+    eligible = torch.rand(b, t, generator=torch.Generator().manual_seed(1)) < 0.7
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    pad[2, 5:] = True
+    for step in range(4):
+        mask = random_masking((b, t, h, w), 0.4, strategy, eligible, pad, step_generator(0, step, 0))
+        # the previous code, inline
+        date_ok = eligible & ~pad
+        unit_ok = {"time": date_ok, "space": date_ok.any(dim=1, keepdim=True).expand(b, h * w),
+                   "time-space": date_ok[:, :, None].expand(b, t, h * w).reshape(b, t * h * w)}[strategy]
+        noise = torch.rand(unit_ok.shape, generator=step_generator(0, step, 0)).masked_fill(~unit_ok, 2.0)
+        rank = noise.argsort(dim=1).argsort(dim=1)
+        chosen = (rank < torch.round(unit_ok.sum(dim=1, keepdim=True) * 0.4)) & unit_ok
+        if strategy == "time":
+            expected = chosen[:, :, None, None].expand(b, t, h, w)
+        elif strategy == "space":
+            expected = chosen.view(b, 1, h, w) & date_ok[:, :, None, None]
+        else:
+            expected = chosen.view(b, t, h, w)
+        assert torch.equal(mask, expected)
+        assert mask.any()
