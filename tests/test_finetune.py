@@ -351,3 +351,36 @@ def test_sweep_runs_nested_cells_and_writes_the_table_and_plot(pastis_h5, workdi
     assert client.get_run(parents.pop()).data.tags["sweep.kind"] == "labels"
     again = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0 and "[1/2] $" not in again.stdout  # finished cells are not run again
+
+
+def test_frozen_encoder_and_encoder_learning_rate(encoder):
+    from sitskit.finetune.model_setup import build_finetune_model, parameter_groups
+
+    cfg = {"name": "stcln", "kwargs": {}, "freeze_encoder": True, "encoder_lr": None}
+    probe = build_finetune_model(cfg, 10, 20, encoder)
+    assert not any(p.requires_grad for p in probe.encoder.parameters())
+    groups = parameter_groups(probe, 1e-3, 0.01, None)
+    head = {id(p) for p in probe.head.parameters()}
+    assert {id(p) for g in groups for p in g["params"]} == head  # only the head learns (linear probe)
+    cfg.update(freeze_encoder=False, encoder_lr=1e-5)
+    model = build_finetune_model(cfg, 10, 20, encoder)
+    groups = parameter_groups(model, 1e-3, 0.01, 1e-5)
+    enc = {id(p) for p in model.encoder.parameters()}
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= enc or not ids & enc
+        assert g["lr"] == (1e-5 if ids <= enc else 1e-3)
+        assert g["weight_decay"] == (0.0 if all(p.ndim <= 1 for p in g["params"]) else 0.01)
+    assert groups[-1]["lr"] == 1e-3
+
+
+def test_class_weights_inverse_frequency_ignore_void():
+    from sitskit.finetune.model_setup import class_weights
+
+    counts = torch.tensor([100.0, 300.0, 0.0, 50.0])
+    ignore = torch.tensor([False, False, False, True])
+    w = class_weights("inverse_frequency", counts, ignore)
+    assert w[2] == 0 and w[3] == 0  # absent class and void
+    assert w[0] / w[1] == pytest.approx(3.0) and w[w > 0].mean() == pytest.approx(1.0)
+    with pytest.raises(Exception, match="3 weights for 4 classes"):
+        class_weights([1.0, 2.0, 3.0], counts, ignore)
