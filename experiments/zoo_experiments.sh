@@ -11,6 +11,6 @@ SEEDS=${SEEDS:-"0 1 2"}
 until [ -f $W/pastis.h5 ]; do sleep 10; done
 
 $PY finetune.py sweep models --config experiments/configs/exp_pastis_zoo.yaml --data $W/pastis.h5 --seeds $SEEDS \
-  --models utae convlstm unet3d fpn_convlstm fcn_lstm stenn stcln --out $W/zoo
+  --models ${MODELS:-utae convlstm unet3d fcn_lstm stenn} --out $W/zoo
 $PY finetune.py sweep noise --config experiments/configs/exp_pastis_zoo.yaml --data $W/pastis.h5 --seeds $SEEDS \
   --sigmas 0 0.01 0.03 --noise-prob 0.5 --out $W/noise
