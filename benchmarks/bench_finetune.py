@@ -46,11 +46,13 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_models(device: str, bf16: bool, repeats: int, batch: int, dates: int) -> list[str]:
+def bench_models(device: str, bf16: bool, repeats: int, batch: int, dates: int, only=None) -> list[str]:
     rows = [f"| model | train samples/s (B={batch}, T={dates}, 32²) | eval patches/s (128², T={dates}) | eval mode |",
             "|---|---:|---:|---|"]
     print("\n".join(rows), flush=True)
     for label, (name, kwargs) in MODELS.items():
+        if only and not any(o in label for o in only):
+            continue
         rows.append(bench_one(label, name, kwargs, device, bf16, repeats, batch, dates))
         print(rows[-1], flush=True)
     return rows
@@ -124,6 +126,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--dates", type=int, default=30)
+    p.add_argument("--models", nargs="+", help="substrings of the model labels to run (default all), e.g. demo utae")
     p.add_argument("--region", action="store_true", help="also time predict --geotiff on a simulated scene")
     p.add_argument("--region-size", type=int, default=256)
     args = p.parse_args()
@@ -131,7 +134,7 @@ def main() -> int:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, device {args.device}{' bf16' if args.bf16 else ''}, load {load[0]:.1f}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    bench_models(args.device, args.bf16, args.repeats, args.batch, args.dates)
+    bench_models(args.device, args.bf16, args.repeats, args.batch, args.dates, args.models)
     if args.region:
         bench_region(args.region_size)
     print(f"# load after: {os.getloadavg()[0]:.1f}")
