@@ -102,7 +102,8 @@ def bench_region(size: int) -> list[str]:
         t = Path(tmp)
         run = lambda *a: subprocess.run([py, *a], cwd=repo, check=True, capture_output=True)
         run("data_prep.py", "simulate", "--format", "geotiff", "--out", str(t / "scene"), "--size", str(size))
-        run("data_prep.py", "geotiff", "--images", str(t / "scene"), "--out", str(t / "region.h5"))
+        run("data_prep.py", "geotiff", "--images", str(t / "scene"), "--labels", str(t / "scene" / "parcels.gpkg"),
+            "--class-field", "CODE", "--class-map", str(t / "scene" / "crop_codes.csv"), "--out", str(t / "region.h5"))
         km2 = (size * 10 / 1000) ** 2
         for name, extra in (("utae", ["--model.name", "utae", "--model.kwargs", "{}", "--eval.window", "null"]),
                             ("stcln (demo size)", [])):
