@@ -27,6 +27,8 @@ from pathlib import Path
 from sitskit.errors import UserFacingError
 
 KINDS = ("labels", "early-season", "cross-year", "models", "noise")
+AXIS = {"labels": "label share", "early-season": "cut-off", "cross-year": "encoder", "models": "model",
+        "noise": "sigma"}  # what the grid value of each kind is
 METRICS = ("OA", "mIoU", "mF1", "kappa", "PQ", "SQ", "RQ")  # PQ / SQ / RQ: panoptic runs (--task panoptic)
 
 
@@ -162,7 +164,9 @@ def write_results(out: Path, rows: list[dict], args) -> None:
         w.writeheader()
         w.writerows(rows)
     (out / "results.md").write_text(summary_table(rows, args.kind))
-    fig = sweep_plot(rows, x="x", y=args.metric, hue="label", title=f"{args.kind}: {args.metric} (mean ± sd)")
+    axis = AXIS[args.kind]
+    fig = sweep_plot([{**r, axis: r["x"]} for r in rows], x=axis, y=args.metric, hue="label",
+                     title=f"{args.kind}: {args.metric} (mean ± sd)")
     fig.savefig(out / f"{args.kind}.png", dpi=110)
     plt.close(fig)
 
@@ -172,8 +176,7 @@ def summary_table(rows: list[dict], kind: str) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["label"], r["x"]), []).append(r)
-    head = {"labels": "label share", "early-season": "cut-off", "cross-year": "encoder", "models": "model",
-            "noise": "sigma"}[kind]
+    head = AXIS[kind]
     shown = [m for m in METRICS if any(r.get(m) is not None for r in rows)] or list(METRICS[:4])
     lines = [f"| encoder / setting | {head} | seeds | " + " | ".join(shown) + " | train s |",
              "|---|---|---:|" + "---:|" * (len(shown) + 1)]
