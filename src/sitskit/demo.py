@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
          "--split", "test", "--protocol", "utae"])
     pred = out / "predictions.h5"
     run([py, "finetune.py", "predict", "--checkpoint", str(ckpt / "demo-finetune"), "--data", str(h5),
-         "--all", "--out", str(pred), "--overwrite"])
+         "--split", "test", "--out", str(pred), "--overwrite"])
     test = json.loads((ckpt / "demo-finetune" / "test" / "metrics.json").read_text())
     print(f"""
 Demo finished.
