@@ -6,21 +6,13 @@ test/metrics.json (docs/experiments.md):
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from sitskit.finetune.sweep import mean_sd
 
 W = Path("experiments/_work/ft")
 SWEEPS = [("labels", "STCLN encoder, label share"), ("labels_utae", "model, label share"),
           ("crossyear", "encoder"), ("early", "encoder, cut-off"), ("zoo", "model"), ("noise", "sigma")]
-
-
-def mean_sd(values) -> str:
-    v = [x for x in values if x is not None]
-    if not v:
-        return "n/a"
-    m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return f"{m:.3f} ± {sd:.3f}"
 
 
 def table(folder: str, header: str) -> str:

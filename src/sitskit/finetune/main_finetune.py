@@ -198,18 +198,20 @@ class Finetuner(Stage):
         tracking.set_tags(tags)
 
     # ------------------------------------------------------------------------------------- training
+    desc = "finetune"
+
     def train(self) -> None:
         from tqdm.auto import tqdm
 
-        from sitskit.finetune.engine_finetune import train_one_epoch
-
         acc, state, cfg = self.accelerator, self.state, self.cfg
-        self.progress = tqdm(total=self.total_steps, initial=state.step, desc="finetune", unit="step",
+        train_one_epoch = self.epoch_function()
+        self.progress = tqdm(total=self.total_steps, initial=state.step, desc=self.desc, unit="step",
                              disable=not (acc.is_main_process and cfg["run"]["progress"]), dynamic_ncols=True)
         while state.step < self.total_steps:
             self.sampler.set_epoch(state.epoch)
             self.dataset.set_epoch(state.epoch)
             self.loader.generator.manual_seed(cfg["run"]["seed"] + state.epoch)
+            self.on_epoch_start(state.epoch)
             loader = acc.skip_first_batches(self.loader, state.batch) if state.batch else self.loader
             stop = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, acc, state, cfg,
                                    self.criterion, self.total_steps, on_step=self.log_step,
@@ -224,6 +226,15 @@ class Finetuner(Stage):
             if state.step >= self.total_steps:
                 break
             state.epoch, state.batch = state.epoch + 1, 0
+
+    def epoch_function(self):
+        """The engine's one-epoch function (the panoptic stage swaps in its own)."""
+        from sitskit.finetune.engine_finetune import train_one_epoch
+
+        return train_one_epoch
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Hook before each epoch (e.g. PaPs' heatmap-only warm-up epochs)."""
 
     def log_step(self, metrics: dict) -> None:
         self.progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)

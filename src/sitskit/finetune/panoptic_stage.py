@@ -104,34 +104,16 @@ class PanopticFinetuner(Finetuner):
         return PaPsLoss(void_label=void, reference_numerics=core.reference_numerics)
 
     # ------------------------------------------------------------------------------------- training
-    def train(self) -> None:
-        from tqdm.auto import tqdm
+    desc = "finetune panoptic"
 
+    def epoch_function(self):
         from sitskit.finetune.engine_panoptic import train_one_epoch
 
-        acc, state, cfg = self.accelerator, self.state, self.cfg
-        heatmap_epochs = heatmap_only_epochs(cfg["train"]["epochs"])
-        self.progress = tqdm(total=self.total_steps, initial=state.step, desc="finetune panoptic", unit="step",
-                             disable=not (acc.is_main_process and cfg["run"]["progress"]), dynamic_ncols=True)
-        while state.step < self.total_steps:
-            self.sampler.set_epoch(state.epoch)
-            self.dataset.set_epoch(state.epoch)
-            self.loader.generator.manual_seed(cfg["run"]["seed"] + state.epoch)
-            self.criterion.heatmap_only = state.epoch < heatmap_epochs
-            loader = acc.skip_first_batches(self.loader, state.batch) if state.batch else self.loader
-            stop = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, acc, state, cfg,
-                                   self.criterion, self.total_steps, on_step=self.log_step,
-                                   on_batch_end=self.after_batch)
-            self.progress.update(state.step - self.progress.n)
-            if self.stop.requested:
-                return
-            if stop and state.step < self.total_steps:
-                return
-            if self.validate_epoch():
-                break
-            if state.step >= self.total_steps:
-                break
-            state.epoch, state.batch = state.epoch + 1, 0
+        return train_one_epoch
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """The reference trains the heatmap head alone for its first epochs."""
+        self.criterion.heatmap_only = epoch < heatmap_only_epochs(self.cfg["train"]["epochs"])
 
     def validate_epoch(self) -> bool:
         """As the semantic stage, but the meter runs over the whole validation set, min_confidence is tuned

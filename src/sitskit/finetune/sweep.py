@@ -181,14 +181,15 @@ def summary_table(rows: list[dict], kind: str) -> str:
     lines = [f"| encoder / setting | {head} | seeds | " + " | ".join(shown) + " | train s |",
              "|---|---|---:|" + "---:|" * (len(shown) + 1)]
     for (label, x), rs in groups.items():
-        cells = [_mean_sd([r[m] for r in rs]) for m in shown]
+        cells = [mean_sd([r[m] for r in rs]) for m in shown]
         secs = [r["train_seconds"] for r in rs if r["train_seconds"] is not None]
         wall = f"{sum(secs) / len(secs):.0f}" if secs else "n/a"
         lines.append(f"| {label} | {x} | {len(rs)} | " + " | ".join(cells) + f" | {wall} |")
     return "\n".join(lines) + "\n"
 
 
-def _mean_sd(values) -> str:
+def mean_sd(values) -> str:
+    """'m ± sd' (sample sd) of the non-None values; 'n/a' if none."""
     v = [x for x in values if x is not None]
     if not v:
         return "n/a"
