@@ -125,18 +125,6 @@ class Finetuner(Stage):
         args.update(override)
         return open_dataset(d["path"], which, **args)
 
-    def build_loader(self, dataset):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        from sitskit.data import pad_collate
-
-        acc, d = self.accelerator, self.cfg["data"]
-        self.sampler = DistributedSampler(dataset, num_replicas=acc.num_processes, rank=acc.process_index,
-                                          shuffle=True, seed=self.cfg["run"]["seed"], drop_last=False)
-        return DataLoader(dataset, batch_size=d["batch_size"], sampler=self.sampler, collate_fn=pad_collate,
-                          num_workers=d["num_workers"], pin_memory=acc.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.cfg["run"]["seed"]))
-
     def resolve_pretrained(self) -> Path | None:
         source = self.cfg["model"]["pretrained"]
         if not source:

@@ -84,20 +84,6 @@ class Pretrainer(Stage):
                 raise
             raise UserFacingError(f"data.path {path}: {exc}") from exc
 
-    def build_loader(self, dataset):
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        from sitskit.data import pad_collate
-
-        acc, d = self.accelerator, self.cfg["data"]
-        # Every rank shuffles with the same seed and epoch, then takes its own share of the indices.
-        self.sampler = DistributedSampler(dataset, num_replicas=acc.num_processes, rank=acc.process_index,
-                                          shuffle=True, seed=self.cfg["run"]["seed"], drop_last=False)
-        # A private generator keeps the DataLoader from drawing on the global RNG (exact resumption).
-        return DataLoader(dataset, batch_size=d["batch_size"], sampler=self.sampler, collate_fn=pad_collate,
-                          num_workers=d["num_workers"], pin_memory=acc.device.type == "cuda",
-                          persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg["run"]["seed"]))
-
     def build_model(self, in_channels: int):
         from sitskit.models import build
 

@@ -91,6 +91,20 @@ class Stage:
             acc.print(f"interrupted; state saved at step {self.state.step}, continue with --resume {self.run_dir}")
         return exit_code
 
+    def build_loader(self, dataset):
+        """The training DataLoader. Every rank shuffles with the same seed and epoch (`self.sampler.set_epoch`),
+        then takes its own share; a private generator keeps it off the global RNG (exact resumption)."""
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        from sitskit.data import pad_collate
+
+        acc, d = self.accelerator, self.cfg["data"]
+        self.sampler = DistributedSampler(dataset, num_replicas=acc.num_processes, rank=acc.process_index,
+                                          shuffle=True, seed=self.cfg["run"]["seed"], drop_last=False)
+        return DataLoader(dataset, batch_size=d["batch_size"], sampler=self.sampler, collate_fn=pad_collate,
+                          num_workers=d["num_workers"], pin_memory=acc.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg["run"]["seed"]))
+
     def make_accelerator(self):
         from accelerate import Accelerator
 
