@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import statistics
 import time
@@ -22,8 +21,9 @@ import torch
 
 from sitskit.constants import PASTIS_BANDS
 from sitskit.models import build
-from sitskit.pretrain.engine_pretrain import masked_mse
+from sitskit.pretrain.engine_pretrain import forward_loss
 from sitskit.pretrain.masking import MaskGenerator, step_generator
+from sitskit.tracking import cpu_model
 
 
 def parse_args(argv=None):
@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--widths", type=int, nargs=2, default=(32, 256))
     p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--full-output", action="store_true",
+                   help="compute every output (model.masked_only false) instead of the masked entries only")
     p.add_argument("--markdown", action="store_true", help="print one markdown table row")
     return p.parse_args(argv)
 
@@ -71,8 +73,7 @@ def main(argv=None) -> dict:
     def step(i: int) -> None:
         mask, _ = masker(image, pad, step_generator(0, i, 0))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            pred = model(image, dates, pad, mask)
-        loss, _ = masked_mse(pred, image, mask)
+            loss, _ = forward_loss(model, image, dates, pad, mask, masked_only=not args.full_output)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
         hardware = torch.cuda.get_device_name(device)
     else:  # process peak RSS (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        hardware = f"{_cpu_model()}, {torch.get_num_threads()} threads"
+        hardware = f"{cpu_model()}, {torch.get_num_threads()} threads"
     result = {"hardware": hardware, "precision": args.mixed_precision, "batch": args.batch_size,
               "crop": args.crop, "dates": args.dates, "params_M": n_params / 1e6, "step_s": median,
               "samples_per_s": args.batch_size / median, "peak_MiB": peak,
@@ -118,17 +119,6 @@ def main(argv=None) -> dict:
               f"  {result['samples_per_s']:.2f} samples/s, peak memory {peak:.0f} MiB"
               f" ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'}), load avg {result['load']:.1f}")
     return result
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

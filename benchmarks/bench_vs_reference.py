@@ -40,7 +40,7 @@ from reference_utae import ReferenceUTAE
 
 from sitskit.constants import PASTIS_BANDS
 from sitskit.models import build
-from sitskit.pretrain.engine_pretrain import masked_mse
+from sitskit.pretrain.engine_pretrain import forward_loss
 from sitskit.pretrain.masking import MaskGenerator, step_generator
 
 CASES = ("utae-train", "utae-eval", "stcln-pretrain", "stcln-eval")
@@ -137,9 +137,8 @@ def make_case(name: str, args, device):
             def step():
                 ours.train()
                 mask, _ = masker(x, pad, step_generator(0, next(counter), 0))
-                with amp:
-                    pred = run(x, dates, pad, mask)
-                loss, _ = masked_mse(pred.float(), x, mask)
+                with amp:  # masked_only: the pre-training default (model.masked_only), same loss and gradients
+                    loss, _ = forward_loss(run, x, dates, pad, mask, masked_only=not args.full_output)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(ours.parameters(), 5.0)
                 opt.step()
@@ -232,6 +231,8 @@ def main(argv=None) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for both")
     p.add_argument("--compile", action="store_true", help="torch.compile sitskit's model")
     p.add_argument("--channels-last", action="store_true", help="sitskit's U-TAE with channels_last=True")
+    p.add_argument("--full-output", action="store_true",
+                   help="STCLN pre-training computes every output (model.masked_only false), as the reference")
     p.add_argument("--memory", action="store_true", help="also measure the peak RSS increase per case")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -240,7 +241,8 @@ def main(argv=None) -> None:
         return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"bf16={args.bf16}, compile={args.compile}, channels_last={args.channels_last}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"bf16={args.bf16}, compile={args.compile}, channels_last={args.channels_last}, "
+          f"full_output={args.full_output}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     for name in args.only:
         res = run_interleaved(name, args, device)

@@ -482,3 +482,47 @@ def test_padded_batch_with_dropout_trains_and_matches_unpadded_samples_in_eval()
             valid = ~pad_mask[i]
             alone = model(x[i:i + 1, valid], dates[i:i + 1, valid])
             torch.testing.assert_close(batch[i:i + 1, valid], alone, atol=1e-5, rtol=0)
+
+
+TINY_KW = {"widths": [8, 32], "n_layers": 2, "d_ffn": 64, "n_head": 4, "pe_dim": 8}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_masked_only_equals_the_full_output_at_the_masked_entries(padded, checkpointing):
+    """The pre-training shortcut (last layer + decoder on masked pixel-dates only) changes no value or gradient
+    the loss sees, with padded dates (incl. a masked one) and with gradient checkpointing."""
+    from sitskit.pretrain.engine_pretrain import forward_loss
+
+    torch.manual_seed(0)
+    model = build("stcln_pretrain", encoder_kwargs={**TINY_KW, "grad_checkpointing": checkpointing}).eval()
+    x, dates = make_input(b=3, t=7, h=5, w=4)
+    pad_mask = None
+    if padded:
+        pad_mask = torch.zeros(3, 7, dtype=torch.bool)
+        pad_mask[1, 5:], pad_mask[2, 6:] = True, True
+        x[pad_mask] = 0
+    mask = torch.rand(3, 7, 5, 4, generator=torch.Generator().manual_seed(2)) < 0.4
+    mask[1, 6] = True  # a masked padded date: 0 features -> the decoder's bias in both paths
+    with torch.no_grad():
+        full = model(x, dates, pad_mask, mask)
+        only = model(x, dates, pad_mask, mask, masked_only=True)
+    assert only.shape == (int(mask.sum()), 10)
+    torch.testing.assert_close(only, model.masked_entries(full, mask), atol=1e-6, rtol=0)
+    grads = []
+    for masked_only in (False, True):
+        model.zero_grad()
+        loss, per_band = forward_loss(model, x, dates, pad_mask, mask, masked_only)
+        loss.backward()
+        grads.append((loss.detach(), per_band, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-6, rtol=1e-6)
+    for name, g in grads[0][2].items():
+        torch.testing.assert_close(grads[1][2][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_masked_only_needs_a_mask():
+    model = build("stcln_pretrain", encoder_kwargs=TINY_KW)
+    x, dates = make_input(t=3)
+    with pytest.raises(ValueError, match="needs a mask"):
+        model(x, dates, masked_only=True)

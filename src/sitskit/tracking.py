@@ -41,7 +41,7 @@ def start_run(experiment: str, run_name: str, run_id: str | None = None, parent_
                 mlflow.set_experiment(experiment)
                 tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
                 return mlflow.start_run(run_name=run_name, tags=tags)
-        except Exception as exc:  # noqa: BLE001 — a store race is retried; anything else propagates
+        except Exception as exc:  # a store race is retried; anything else propagates
             if attempt == 5 or not _is_store_race(exc):
                 raise
             time.sleep(0.5 + random.random() * 1.5)
@@ -174,7 +174,7 @@ def environment_tags() -> dict[str, str]:
         "cuda.version": str(torch.version.cuda),
         "cuda.available": str(torch.cuda.is_available()).lower(),
         "python.version": platform.python_version(),
-        "hardware.cpu": _cpu_model(),
+        "hardware.cpu": cpu_model(),
         "hardware.cpu_count": str(os.cpu_count()),
         "host": platform.node(),
     }
@@ -228,7 +228,7 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

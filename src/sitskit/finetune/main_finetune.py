@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -201,9 +202,12 @@ class Finetuner(Stage):
             self.loader.generator.manual_seed(cfg["run"]["seed"] + state.epoch)
             self.on_epoch_start(state.epoch)
             loader = acc.skip_first_batches(self.loader, state.batch) if state.batch else self.loader
+            t0 = time.perf_counter()
             stop = train_one_epoch(self.model, loader, self.optimizer, self.scheduler, acc, state, cfg,
                                    self.criterion, self.total_steps, on_step=self.log_step,
                                    on_batch_end=self.after_batch)
+            # training time without validation, summed over resumes (the zoo table's "train s")
+            state.extra["train_seconds"] = state.extra.get("train_seconds", 0.0) + time.perf_counter() - t0
             self.progress.update(state.step - self.progress.n)
             if self.stop.requested:
                 return
@@ -286,8 +290,13 @@ class Finetuner(Stage):
 
         sampler = PatchSampler(self.cfg["eval"]["figures"] if self.accelerator.is_main_process else 0,
                                self.dataset.band_names, self.dataset.norm_mean, self.dataset.norm_std)
+        t0 = time.perf_counter()
         metrics = self.score(test, "test", on_patch=sampler)
-        metrics.update(cutoff={"max_doy": self.cfg["data"]["max_doy"], "max_date": self.cfg["data"]["max_date"]},
+        seconds = time.perf_counter() - t0
+        metrics.update(parameters=self.n_params[0], train_seconds=self.state.extra.get("train_seconds"),
+                       test_seconds=seconds, test_patches_per_s=metrics["n_patches"] / max(seconds, 1e-9),
+                       hardware=_hardware(),
+                       cutoff={"max_doy": self.cfg["data"]["max_doy"], "max_date": self.cfg["data"]["max_date"]},
                        checkpoint=str(self.run_dir / "model"), data=str(Path(self.cfg["data"]["path"]).resolve()),
                        selection=selection(self.cfg["data"], "test"))
         if self.accelerator.is_main_process:
@@ -338,6 +347,14 @@ class Finetuner(Stage):
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _hardware() -> dict:
+    """Where the timings of metrics.json were measured: CPU / GPU model, core count and torch threads."""
+    from sitskit.tracking import cpu_model
+
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def open_dataset(path, which: str, **args):
     """build_dataset with errors that say which selection and what was asked."""
     from sitskit.data import build_dataset

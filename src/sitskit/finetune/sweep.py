@@ -58,8 +58,12 @@ def parse(argv: list[str]):
     p.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05])
     p.add_argument("--noise-prob", type=float, default=0.5)
     p.add_argument("--metric", default="mIoU", choices=METRICS, help="plotted metric")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once (each gets cores/jobs threads unless OMP_NUM_THREADS is set)")
     p.add_argument("--launcher", default="python", help="how each cell runs: python | 'accelerate launch …'")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        raise UserFacingError(f"finetune.py sweep: --jobs {args.jobs}: must be 1 or more")
     args.overrides = rest
     return args
 
@@ -115,33 +119,37 @@ def main(argv: list[str]) -> int:
                        "overrides": " ".join(args.overrides)[:5000]})
     mlflow.end_run()
     rows, status = [], "FINISHED"
+    env = dict(os.environ, SITSKIT_PARENT_RUN_ID=parent.info.run_id)
+    if args.jobs > 1:  # share the cores: each cell gets cores // jobs threads unless the user set them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+    todo = [(i, c) for i, c in enumerate(cells, 1) if not (out / _cell_name(c) / "test" / "metrics.json").is_file()]
+    running: dict = {}  # Popen -> (cell name, start time)
     try:
-        for i, cell in enumerate(cells, 1):
-            run_name = _cell_name(cell)
-            run_dir = out / run_name
-            metrics_path = run_dir / "test" / "metrics.json"
-            if not metrics_path.is_file():
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                i, cell = todo.pop(0)
+                run_name = _cell_name(cell)
                 cmd = _launcher(args.launcher) + [*base, *cell["args"], "--output.dir", str(out),
                                                   "--output.name", run_name, "--output.overwrite", "true",
                                                   "--run.progress", "false"]
                 shown = ["finetune.py", *cmd[len(_launcher(args.launcher)):]]
                 print(f"[{i}/{len(cells)}] $ {shlex.join(shown)}", flush=True)
-                env = dict(os.environ, SITSKIT_PARENT_RUN_ID=parent.info.run_id)
-                t0 = time.perf_counter()
-                code = subprocess.call(cmd, env=env)
-                if code:
-                    raise UserFacingError(f"sweep cell {run_name} failed with exit code {code}; fix it and rerun "
-                                          "the same command (finished cells are kept)")
-                (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-            metrics = json.loads(metrics_path.read_text())
-            wall = run_dir / "wall_seconds.txt"
-            rows.append({"label": cell["label"], "x": cell["x"], "seed": cell["seed"], "run": run_name,
-                         "train_seconds": float(wall.read_text()) if wall.exists() else None,
-                         **{k: metrics.get(k) for k in METRICS}})
+                running[subprocess.Popen(cmd, env=env)] = (run_name, time.perf_counter())
+            proc = _wait_any(running)
+            run_name, t0 = running.pop(proc)
+            if proc.returncode:
+                raise UserFacingError(f"sweep cell {run_name} failed with exit code {proc.returncode}; fix it and "
+                                      "rerun the same command (finished cells are kept)")
+            (out / run_name / "wall_seconds.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
     except (KeyboardInterrupt, UserFacingError):
         status = "KILLED"
+        for proc in running:  # the other cells stop too (they save their state and can be resumed)
+            proc.terminate()
+        for proc in running:
+            proc.wait()
         raise
     finally:
+        rows = [_row(out, c) for c in cells if (out / _cell_name(c) / "test" / "metrics.json").is_file()]
         if rows:
             write_results(out, rows, args)
             tracking.start_run("", "", run_id=parent.info.run_id)
@@ -152,6 +160,27 @@ def main(argv: list[str]) -> int:
     print(f"\n{(out / 'results.md').read_text()}\nwrote {out / 'results.csv'}, {out / 'results.md'}, "
           f"{out / (args.kind + '.png')}")
     return 0
+
+
+def _wait_any(running: dict):
+    """The first of the running cell processes to finish."""
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(0.5)
+
+
+def _row(out: Path, cell: dict) -> dict:
+    """One results.csv row: the cell, its test metrics, parameters, training seconds (without validation;
+    the cell's wall time for runs written before that was recorded) and test patches per second."""
+    run_name = _cell_name(cell)
+    metrics = json.loads((out / run_name / "test" / "metrics.json").read_text())
+    wall = out / run_name / "wall_seconds.txt"
+    train = metrics.get("train_seconds") or (float(wall.read_text()) if wall.exists() else None)
+    return {"label": cell["label"], "x": cell["x"], "seed": cell["seed"], "run": run_name,
+            "parameters": metrics.get("parameters"), "train_seconds": train,
+            "patches_per_s": metrics.get("test_patches_per_s"), **{k: metrics.get(k) for k in METRICS}}
 
 
 def write_results(out: Path, rows: list[dict], args) -> None:
@@ -178,13 +207,13 @@ def summary_table(rows: list[dict], kind: str) -> str:
         groups.setdefault((r["label"], r["x"]), []).append(r)
     head = AXIS[kind]
     shown = [m for m in METRICS if any(r.get(m) is not None for r in rows)] or list(METRICS[:4])
-    lines = [f"| encoder / setting | {head} | seeds | " + " | ".join(shown) + " | train s |",
-             "|---|---|---:|" + "---:|" * (len(shown) + 1)]
+    lines = [f"| encoder / setting | {head} | seeds | parameters | " + " | ".join(shown)
+             + " | train s | test patches/s |", "|---|---|---:|---:|" + "---:|" * (len(shown) + 2)]
     for (label, x), rs in groups.items():
         cells = [mean_sd([r[m] for r in rs]) for m in shown]
-        secs = [r["train_seconds"] for r in rs if r["train_seconds"] is not None]
-        wall = f"{sum(secs) / len(secs):.0f}" if secs else "n/a"
-        lines.append(f"| {label} | {x} | {len(rs)} | " + " | ".join(cells) + f" | {wall} |")
+        params = next((r.get("parameters") for r in rs if r.get("parameters")), None)
+        lines.append(f"| {label} | {x} | {len(rs)} | {f'{params:,}' if params else 'n/a'} | " + " | ".join(cells)
+                     + f" | {_mean(rs, 'train_seconds', '.0f')} | {_mean(rs, 'patches_per_s', '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -196,6 +225,11 @@ def mean_sd(values) -> str:
     m = sum(v) / len(v)
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return f"{m:.3f} ± {sd:.3f}"
+
+
+def _mean(rows: list[dict], key: str, fmt: str) -> str:
+    v = [r[key] for r in rows if r.get(key) is not None]
+    return format(sum(v) / len(v), fmt) if v else "n/a"
 
 
 def _label(p: str) -> str:

@@ -132,11 +132,19 @@ class EncoderLayer(nn.TransformerEncoderLayer):
     def __init__(self, d_model: int, n_head: int, d_ffn: int, dropout: float):
         super().__init__(d_model, n_head, d_ffn, dropout, activation="relu", batch_first=True)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        x = self.norm1(x + dropout_bool_mask(self._attention(x, key_padding_mask), self.dropout1.p, self.training))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,  # type: ignore[override]
+                query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """query_mask [N, T] bool | None: compute the outputs of these tokens only -> [M, D] (M = its count,
+        row-major order). Every token is still a key and value; what follows the attention (out_proj,
+        residual, norms, FFN) runs on the M rows only: the same values as the full output's rows."""
+        attended = self._attention(x, key_padding_mask, query_mask)
+        if query_mask is not None:
+            x = x[query_mask]
+        x = self.norm1(x + dropout_bool_mask(attended, self.dropout1.p, self.training))
         return self.norm2(x + dropout_bool_mask(self._feed_forward(x), self.dropout2.p, self.training))
 
-    def _attention(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                   query_mask: torch.Tensor | None = None) -> torch.Tensor:
         attn = self.self_attn
         n, t, d = x.shape
         h = attn.num_heads
@@ -152,7 +160,10 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return attn.out_proj(out.transpose(1, 2).reshape(n, t, d))
+        out = out.transpose(1, 2)  # [N, T, h, dh]
+        if query_mask is not None:
+            return attn.out_proj(out[query_mask].reshape(-1, d))  # [M, D]
+        return attn.out_proj(out.reshape(n, t, d))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias

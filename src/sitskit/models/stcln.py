@@ -61,6 +61,9 @@ class PixelTransformer(nn.Module):
     result as masking the padded keys; no work on padding). Padded outputs are 0.
 
     tokens: [B, N, T, D] (N pixels), positions: [B, T], pad_mask: [B, T] | None -> [B, N, T, D]
+    keep: [B, N, T] bool | None -> only the kept tokens' outputs, [M, D] in row-major order of `keep`: the
+    last layer then runs its queries, FFN and norms on those rows only (pre-training needs the masked
+    pixel-dates only). Kept tokens on padded dates are 0, as in the full output.
     """
 
     def __init__(self, d_model: int = 256, n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3,
@@ -76,8 +79,8 @@ class PixelTransformer(nn.Module):
             EncoderLayer(d_model, n_head, d_ffn, dropout) for _ in range(n_layers)
         )
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         b, n, t, d = tokens.shape
         if pad_mask is not None and not bool(pad_mask.any()):
             pad_mask = None
@@ -85,29 +88,43 @@ class PixelTransformer(nn.Module):
         x = self.in_norm(tokens.reshape(b * n, t, d), seq_pad)
         x = x.view(b, n, t, d) + self.position_encoding(positions)[:, None]
         if pad_mask is None:
+            if keep is not None:
+                return self.run_layers(x.view(b * n, t, d), keep.reshape(b * n, t))
             return self.run_layers(x.view(b * n, t, d)).view(b, n, t, d)
         # Valid dates only: the samples with the same number of valid dates go through the layers together,
         # without a mask (a masked key has zero weight, so the valid outputs are the same); padded dates = 0.
         valid = ~pad_mask
         lengths = valid.sum(dim=1)
-        out = x.new_zeros(b, t, n, d)
+        if keep is None:
+            out = x.new_zeros(b, t, n, d)
+        else:  # row of each kept token in the [M, D] output, by its flat [B, N, T] index
+            out = x.new_zeros(int(keep.sum()), d)
+            rank = keep.flatten().cumsum(0) - 1
         for length in torch.unique(lengths).tolist():
             rows = torch.nonzero(lengths == length).squeeze(1)  # samples with `length` valid dates
             cols = torch.nonzero(valid[rows])[:, 1].view(-1, length)  # their valid date indices, ascending
             ii = rows[:, None]
-            group = x[ii, :, cols]  # [c, length, N, D]
-            y = self.run_layers(group.transpose(1, 2).reshape(-1, length, d))  # [c*N, length, D]
-            out.index_put_((ii, cols), y.view(-1, n, length, d).transpose(1, 2))
-        return out.transpose(1, 2)
+            group = x[ii, :, cols].transpose(1, 2).reshape(-1, length, d)  # [c*N, length, D]
+            if keep is None:
+                y = self.run_layers(group)  # [c*N, length, D]
+                out.index_put_((ii, cols), y.view(-1, n, length, d).transpose(1, 2))
+                continue
+            flat = (rows[:, None, None] * n + torch.arange(n, device=x.device)[:, None]) * t + cols[:, None, :]
+            group_keep = keep.flatten()[flat].view(-1, length)  # [c*N, length]
+            out[rank[flat.view(-1, length)[group_keep]]] = self.run_layers(group, group_keep)
+        return out if keep is not None else out.transpose(1, 2)
 
-    def run_layers(self, x: torch.Tensor) -> torch.Tensor:
-        """The Transformer layers on unpadded sequences [S, T, D] -> [S, T, D]."""
-        for layer in self.layer_stack:
+    def run_layers(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The Transformer layers on unpadded sequences [S, T, D] -> [S, T, D]; with keep [S, T] bool, the
+        last layer computes the kept tokens only -> [M, D]."""
+        last = len(self.layer_stack) - 1
+        for i, layer in enumerate(self.layer_stack):
+            query_mask = keep if i == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # recompute the layer in backward (same dropout masks: the RNG state is replayed)
-                x = checkpoint(layer, x, use_reentrant=False)
+                x = checkpoint(layer, x, None, query_mask, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, None, query_mask)
         return x
 
 
@@ -142,15 +159,16 @@ class STCLNEncoder(nn.Module):
         feats = rearrange(tokens, "b (h w) t d -> b t d h w", h=h)
         return feats, cnn_feats
 
-    def forward_tokens(self, x: torch.Tensor, dates: torch.Tensor,
-                       pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tokens(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                       keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` in the per-pixel layout, without the transposes back to images:
-        -> (tokens [B, H*W, T, D] Transformer output, cnn_feats [B,T,D,H,W]); padded dates are 0."""
+        -> (tokens [B, H*W, T, D] Transformer output, cnn_feats [B,T,D,H,W]); padded dates are 0.
+        keep [B, H*W, T] bool: only those tokens, [M, D] (see PixelTransformer)."""
         check_inputs(x, dates, pad_mask, self.in_channels, "stcln_encoder")
         cnn_feats = self.embed_frames(x, pad_mask)
         tokens = rearrange(cnn_feats, "b t d h w -> b (h w) t d")
         # PixelTransformer returns exact zeros at padded dates (they never enter the layers)
-        return self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask), cnn_feats
+        return self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask, keep), cnn_feats
 
     def embed_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Per-date CNN on the valid frames only. [B,T,C,H,W] -> [B,T,D,H,W]."""
@@ -186,12 +204,25 @@ class STCLNPretrain(nn.Module):
         self.decoder = nn.Linear(self.encoder.d_model, in_channels)
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, masked_only: bool = False) -> torch.Tensor:
+        """masked_only=True -> pred [M, C] of the masked pixel-dates only, in the order of
+        `masked_entries` (the loss needs nothing else: the last Transformer layer and the decoder then
+        run on those M tokens, the same values as the full output's)."""
         if mask is not None:
             x = self.apply_mask(x, mask)
-        tokens, _ = self.encoder.forward_tokens(x, dates, pad_mask)
-        pred = self.decoder(tokens)  # [B, H*W, T, C]: the D-wide features are never transposed
-        return rearrange(pred, "b (h w) t c -> b t c h w", h=x.shape[-2])
+        keep = None
+        if masked_only:
+            if mask is None:
+                raise ValueError("stcln_pretrain: masked_only=True needs a mask")
+            keep = rearrange(mask, "b t h w -> b (h w) t")
+        tokens, _ = self.encoder.forward_tokens(x, dates, pad_mask, keep)
+        pred = self.decoder(tokens)  # [B, H*W, T, C] (or [M, C]): the D-wide features are never transposed
+        return pred if masked_only else rearrange(pred, "b (h w) t c -> b t c h w", h=x.shape[-2])
+
+    @staticmethod
+    def masked_entries(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B,T,C,H,W], mask [B,T,H,W] -> x at the masked pixel-dates [M, C], in masked_only's order."""
+        return rearrange(x, "b t c h w -> b (h w) t c")[rearrange(mask, "b t h w -> b (h w) t")]
 
     def apply_mask(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Replace every channel of the masked pixel-dates by the learnable scalar token."""

@@ -61,6 +61,9 @@ class PretrainModelSection:
     """registered model name"""
     kwargs: dict = field(default_factory=dict)
     """keyword arguments of sitskit.models.build (per key: --model.kwargs.d_model 64)"""
+    masked_only: bool = True
+    """compute the last Transformer layer and the decoder on the masked pixel-dates only (the loss needs
+    nothing else: the same loss and gradients, less work; docs/pretraining.md); false = every output"""
 
 
 @dataclass

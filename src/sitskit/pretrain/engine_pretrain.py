@@ -30,6 +30,25 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return loss, per_band.detach()
 
 
+def masked_entries_mse(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`masked_mse` on the masked entries alone: pred, target [M, C] (the masked pixel-dates). Same values."""
+    err = (pred.float() - target.float()).square()
+    m = max(err.shape[0], 1)
+    per_band = err.sum(dim=0) / m
+    return err.sum() / (m * err.shape[1]), per_band.detach()
+
+
+def forward_loss(model, x, dates, pad_mask, mask, masked_only: bool):
+    """Reconstruction and masked MSE -> (loss, per-band loss). masked_only: the model computes the masked
+    pixel-dates only (STCLNPretrain's `masked_only`), so no work is spent on outputs the loss ignores."""
+    if masked_only:
+        from sitskit.models.stcln import STCLNPretrain
+
+        pred = model(x, dates, pad_mask, mask, masked_only=True)
+        return masked_entries_mse(pred, STCLNPretrain.masked_entries(x, mask))
+    return masked_mse(model(x, dates, pad_mask, mask), x, mask)
+
+
 def grid_crops(size_hw: tuple[int, int], crop: int) -> list[tuple[slice, slice]]:
     """Row-major grid of non-overlapping crop×crop windows (the paper's 4×4 grid of 32×32 on 128×128)."""
     H, W = size_hw
@@ -62,6 +81,7 @@ def train_one_epoch(
     step_crop = cfg["data"]["step_crop"] if cfg["data"]["step_per_crop"] else None
     rank = accelerator.process_index
     model.train()
+    masked_only = cfg["model"].get("masked_only", False) and _supports_masked_only(accelerator.unwrap_model(model))
 
     meter = _Meter(accelerator)
     for batch in loader:
@@ -75,8 +95,7 @@ def train_one_epoch(
             mask, eligible = masker(x, pad_mask, step_generator(seed, state.micro, rank, 1))
             no_sync = contextlib.nullcontext() if sync else accelerator.no_sync(model)
             with no_sync:
-                pred = model(x, dates, pad_mask, mask)
-                loss, per_band = masked_mse(pred, x, mask)
+                loss, per_band = forward_loss(model, x, dates, pad_mask, mask, masked_only)
                 accelerator.backward(loss / accum)
             meter.add(loss.detach(), per_band, mask, eligible, pad_mask, x.shape[0])
             state.micro += 1
@@ -90,7 +109,8 @@ def train_one_epoch(
             scheduler.step_update(state.step)
             if state.step % log_every == 0 or state.step == total_steps:
                 metrics = meter.summary(lr, grad_norm)
-                metrics["example"] = (x[0].detach(), pred[0].detach(), mask[0].detach(),
+                metrics["example"] = (x[0].detach(), _example_reconstruction(model, accelerator, x, dates,
+                                                                             pad_mask, mask), mask[0].detach(),
                                       None if pad_mask is None else pad_mask[0].detach(),
                                       dates[0])
                 if on_step is not None:
@@ -102,6 +122,20 @@ def train_one_epoch(
         if state.step >= total_steps or stop_requested:
             return True
     return False
+
+
+def _supports_masked_only(model) -> bool:
+    import inspect
+
+    return "masked_only" in inspect.signature(model.forward).parameters
+
+
+@torch.no_grad()
+def _example_reconstruction(model, accelerator, x, dates, pad_mask, mask) -> torch.Tensor:
+    """The first sample's full reconstruction [T, C, H, W] for the logged figure (the training forward may
+    have computed the masked entries only); dropout is active as in the step."""
+    one = None if pad_mask is None else pad_mask[:1]
+    return accelerator.unwrap_model(model)(x[:1], dates[:1], one, mask[:1])[0].detach()
 
 
 def _micro_batches(image: torch.Tensor, step_crop: int | None) -> Iterator[torch.Tensor]:
