@@ -336,12 +336,16 @@ def test_sweep_runs_nested_cells_and_writes_the_table_and_plot(pastis_h5, workdi
         run: {{progress: false}}
     """))
     cmd = [sys.executable, str(REPO / "finetune.py"), "sweep", "labels", "--config", str(preset), "--data",
-           str(pastis_h5), "--seeds", "0", "1", "--fractions", "1.0", "--out", "sweep"]
+           str(pastis_h5), "--seeds", "0", "1", "--fractions", "1.0", "--out", "sweep", "--jobs", "2"]
     out = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     sweep = workdir / "sweep"
     rows = (sweep / "results.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("label,x,seed,run")
+    assert len(rows) == 3 and rows[0].startswith("label,x,seed,run,parameters,train_seconds,patches_per_s")
+    metrics = json.loads((sweep / "scratch-1.0-s0" / "test" / "metrics.json").read_text())
+    assert metrics["parameters"] > 0 and metrics["train_seconds"] > 0 and metrics["test_patches_per_s"] > 0
+    assert metrics["hardware"]["torch_threads"] == 1 and metrics["hardware"]["cpu_count"] >= 1
+    assert f"| {metrics['parameters']:,} |" in (sweep / "results.md").read_text()
     assert "scratch" in (sweep / "results.md").read_text() and (sweep / "labels.png").stat().st_size > 0
     client = mlflow_client(workdir)
     child_ids = [json.loads((sweep / f"scratch-1.0-s{s}" / "model" / "config.json").read_text())["mlflow_run_id"]
