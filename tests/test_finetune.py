@@ -388,3 +388,20 @@ def test_class_weights_inverse_frequency_ignore_void():
     assert w[0] / w[1] == pytest.approx(3.0) and w[w > 0].mean() == pytest.approx(1.0)
     with pytest.raises(Exception, match="3 weights for 4 classes"):
         class_weights([1.0, 2.0, 3.0], counts, ignore)
+
+
+def test_same_seeded_run_with_noise_twice_gives_identical_metrics_and_weights(pastis_h5, workdir):
+    """The noise study's hardware question, on one machine: the same seeded CPU run (noise augmentation on)
+    repeated gives the same confusion matrix and bit-identical weights."""
+    from safetensors.torch import load_file
+
+    results = []
+    for name in ("noise-a", "noise-b"):
+        out = launch(workdir, train_args(pastis_h5, name, "--data.noise_sigma", "0.05", "--data.noise_prob", "0.5",
+                                         "--train.epochs", "1", "--run.deterministic", "true", "--run.seed", "3"))
+        assert out.returncode == 0, out.stderr[-3000:]
+        metrics = json.loads((workdir / "ckpt" / name / "test" / "metrics.json").read_text())
+        results.append((metrics, load_file(workdir / "ckpt" / name / "model" / "model.safetensors")))
+    (m1, w1), (m2, w2) = results
+    assert m1["confusion"] == m2["confusion"] and m1["mIoU"] == m2["mIoU"]
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
