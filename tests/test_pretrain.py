@@ -364,3 +364,29 @@ def test_a_full_disk_while_saving_leaves_nothing_and_is_one_line(tmp_path, monke
     with pytest.raises(UserFacingError, match="No space left on device"):
         atomic_save(tmp_path / "state", 5, write)
     assert list((tmp_path / "state").iterdir()) == []
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    """Two processes never write one run folder: the second gets one clear error and changes nothing."""
+    import fcntl
+    import os
+
+    fake = tmp_path / "x.h5"
+    fake.write_bytes(b"")
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "state" / "step_00000001").mkdir(parents=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another process" holds the folder
+    args = ["--data.path", str(fake), "--output.dir", str(tmp_path / "runs"), "--output.name", "r",
+            "--run.tracking", "false", "--output.overwrite", "true"]
+    try:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another running process (pid 4242)" in err and str(run_dir) in err
+        assert (run_dir / "state" / "step_00000001").exists()  # overwrite did not touch it
+    finally:
+        os.close(fd)
+    assert main(args) == 2  # released: the run proceeds (and fails on the empty data file, not the folder)
+    assert "in use" not in capsys.readouterr().err
+    assert not (run_dir / "state" / "step_00000001").exists()

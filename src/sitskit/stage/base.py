@@ -56,7 +56,14 @@ class Stage:
         set_seed(cfg["run"]["seed"])  # identical model init on every rank
         self.run_dir = Path(broadcast_object_list([str(self.resolve_run_dir())])[0])
         self.states_dir = self.run_dir / "state"
-        self.claim_run_dir()
+        try:
+            self.claim_run_dir()
+            return self.run_in_claimed_dir()
+        finally:
+            self.release_run_dir()
+
+    def run_in_claimed_dir(self) -> int:
+        acc, cfg = self.accelerator, self.cfg
         self.build()
         self.restore()
         if acc.is_main_process:
@@ -135,6 +142,12 @@ class Stage:
         acc, run_dir = self.accelerator, self.run_dir
         if run_dir.exists() and not run_dir.is_dir():
             raise UserFacingError(f"{run_dir} is a file, not a run folder; choose another --output.name / --output.dir")
+        from accelerate.utils import broadcast_object_list
+
+        busy = self.lock_run_dir() if acc.is_main_process else None
+        busy = broadcast_object_list([busy])[0]
+        if busy:
+            raise UserFacingError(busy)
         used = [p + "/" for p in ("state", *self.exported) if (run_dir / p).exists()]
         if self.resume:
             if not list(self.states_dir.glob("step_*")):
@@ -156,6 +169,34 @@ class Stage:
             except OSError as exc:
                 raise UserFacingError(f"cannot write the run folder {run_dir}: {exc.strerror or exc}") from None
         acc.wait_for_everyone()
+
+    def lock_run_dir(self) -> str | None:
+        """Hold an exclusive lock on `<run>/.lock` for the life of this process (the OS drops it at exit, even
+        on SIGKILL), so that two runs never write one folder. -> None, or the message when another holds it."""
+        import fcntl
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return None  # an unwritable location is reported by the writability check
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            return (f"{self.run_dir} is in use by another running process (pid {holder}); wait for it to end or "
+                    "stop it, or pick another --output.name")
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._run_dir_lock = fd  # kept open: closing it would release the lock
+        return None
+
+    def release_run_dir(self) -> None:
+        fd = getattr(self, "_run_dir_lock", None)
+        if fd is not None:
+            os.close(fd)
+            self._run_dir_lock = None
 
     # ------------------------------------------------------------------------------------ checkpoints
     def latest_state(self) -> Path | None:
