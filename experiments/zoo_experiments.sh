@@ -16,7 +16,7 @@ MODELS=${MODELS:-"utae utae_single_date utae_skip_mean utae_mean_attention utae_
 RECURRENT=${RECURRENT:-"fcn_lstm convlstm convgru"}
 HEAVY=${HEAVY:-"fpn_convlstm stenn"}
 until [ -f $W/pastis.h5 ]; do sleep 10; done
-sweep() { $PY finetune.py sweep "$@" --config experiments/configs/exp_pastis_zoo.yaml --data $W/pastis.h5 --jobs $JOBS; }
+sweep() { local kind=$1; shift; $PY finetune.py sweep "$kind" --config experiments/configs/exp_pastis_zoo.yaml --data $W/pastis.h5 --jobs $JOBS "$@"; }
 
 sweep noise --seeds $SEEDS --sigmas 0 0.01 0.03 0.1 --noise-prob 0.5 --out $W/noise
 sweep models --seeds $SEEDS --models $MODELS --out $W/zoo
