@@ -170,7 +170,10 @@ def sweep_plot(rows: Sequence[dict], x: str, y: str, hue: str | None = None, tit
         sd = np.array([np.std(by_x[v], ddof=1) if len(by_x[v]) > 1 else 0.0 for v in xs])
         n = max(len(by_x[v]) for v in xs)
         line, = ax.plot(pos, mean, "-o", ms=4, label=f"{label} (n={n})" if hue else label)
-        ax.fill_between(pos, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+        if len(pos) > 1:
+            ax.fill_between(pos, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, lw=0)
+        else:  # a single point (e.g. one model per hue): an error bar, since a band would be invisible
+            ax.errorbar(pos, mean, yerr=sd, color=line.get_color(), capsize=4, lw=1.2)
     if numeric:
         finite = [v for v in xs_all if v > 0]
         if logx if logx is not None else (finite and max(finite) / min(finite) > 20):
@@ -182,7 +185,11 @@ def sweep_plot(rows: Sequence[dict], x: str, y: str, hue: str | None = None, tit
     ax.set_xlabel(x)
     ax.set_ylabel(f"{y} (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
-    if groups:
+    if groups and len(groups) > 8 or (groups and all(len(g) == 1 for g in groups.values()) and len(groups) > 1):
+        # one point per hue (x names it already) or many hues: the legend goes beside the axes, off the data
+        ax.legend(title=hue, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+        fig.set_size_inches(9.0, 4.2)
+    elif groups:
         ax.legend(title=hue, fontsize=8)
     ax.set_title(title or f"{y} vs {x}")
     fig.tight_layout()
