@@ -94,3 +94,14 @@ def test_sweep_plot_mean_and_sd_over_seeds():
     ax = sweep_plot(rows, "cut", "OA").axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2017-04-01", "2017-06-01", "2017-05-01"]
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.5, 1.5, 2.5])
+
+
+def test_sweep_plot_one_point_per_hue_gets_error_bars():
+    """sweep models: each model is its own hue with a single x; the sd must still show (an error bar)."""
+    rows = [{"label": m, "model": m, "seed": s, "mIoU": base + 0.02 * s}
+            for m, base in (("utae", 0.17), ("convlstm", 0.13)) for s in range(3)]
+    ax = sweep_plot(rows, "model", "mIoU", "label").axes[0]
+    bars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(bars) == 2
+    segments = bars[0].lines[2][0].get_segments()[0]  # the vertical bar of utae: mean ± sd
+    np.testing.assert_allclose([segments[0][1], segments[1][1]], [0.19 - 0.02, 0.19 + 0.02])
