@@ -405,3 +405,34 @@ def test_same_seeded_run_with_noise_twice_gives_identical_metrics_and_weights(pa
     (m1, w1), (m2, w2) = results
     assert m1["confusion"] == m2["confusion"] and m1["mIoU"] == m2["mIoU"]
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_sigterm_stops_a_sweep_and_its_running_cells(pastis_h5, workdir):
+    """SIGTERM to the sweep (a batch scheduler's stop): the running cells are stopped too (they save their
+    state), nothing is left running, and the sweep exits 143."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}")
+    preset = workdir / "sweep_term.yaml"
+    preset.write_text(textwrap.dedent(f"""
+        data: {{folds: [1, 2, 3], test_folds: [5], num_dates: 6, batch_size: 2}}
+        model: {{name: stcln, kwargs: {{encoder_kwargs: {TINY}}}}}
+        train: {{max_steps: 100000}}
+        output: {{save_every: 2}}
+        run: {{progress: false}}
+    """))
+    out_dir = workdir / "sweep_term"
+    cmd = [sys.executable, str(REPO / "finetune.py"), "sweep", "labels", "--config", str(preset), "--data",
+           str(pastis_h5), "--seeds", "0", "1", "--fractions", "1.0", "--out", str(out_dir), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out_dir.glob("*/state/step_*")):  # the cells are training
+        time.sleep(0.5)
+    assert list(out_dir.glob("*/state/step_*")), "the cells never saved a state"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err
+    left = subprocess.run(["pgrep", "-f", str(out_dir)], capture_output=True, text=True).stdout.split()
+    assert left == []  # no cell keeps running
