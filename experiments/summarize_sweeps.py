@@ -25,16 +25,30 @@ def table(folder: str, header: str) -> str:
     lines = [f"| {header} | seeds | parameters | OA | mIoU | mF1 | kappa | train s | test patches/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, rows in groups.items():
-        cells = " | ".join(mean_sd([m[x] for m in rows]) for x in ("OA", "mIoU", "mF1", "kappa"))
+        cells = " | ".join(_mean_sd([m[x] for m in rows]) for x in ("OA", "mIoU", "mF1", "kappa"))
         params = rows[0].get("parameters")
         lines.append(f"| {key} | {len(rows)} | {f'{params:,}' if params else 'n/a'} | {cells} | "
                      f"{_mean(rows, 'train_seconds', '.0f')} | {_mean(rows, 'test_patches_per_s', '.1f')} |")
     return "\n".join(lines)
 
 
+def _mean_sd(values: list) -> str:
+    return mean_sd(values) if len(values) > 1 else f"{values[0]:.3f}"  # one seed: no sd to show
+
+
 def _mean(rows: list[dict], key: str, fmt: str) -> str:
     v = [m[key] for m in rows if m.get(key) is not None]
     return format(sum(v) / len(v), fmt) if v else "n/a"
+
+
+def cells(folder: str) -> list[dict]:
+    """Every finished cell of a sweep folder: {"cell", "seed", **metrics}."""
+    out = []
+    for f in sorted((W / folder).glob("*/test/metrics.json")):
+        key, _, seed = f.parents[1].name.rpartition("-s")
+        label, _, x = key.partition("-")
+        out.append({"cell": label if x == label else key, "seed": int(seed), **json.loads(f.read_text())})
+    return out
 
 
 if __name__ == "__main__":
