@@ -34,8 +34,11 @@ def _cli(args: list[str], kill_after: str | None = None) -> subprocess.Completed
     env.pop(KILL_HOOK_ENV, None)
     if kill_after is not None:
         env[KILL_HOOK_ENV] = kill_after
+    # Ctrl-C reaches a foreground process: start the child with the default SIGINT disposition even when this
+    # test runs as a background job (`cmd &` ignores SIGINT, and Python then installs no KeyboardInterrupt)
     return subprocess.run([sys.executable, "-m", "sitskit.data_prep.cli", *args], env=env, check=False,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # SIGKILL between patches / halfway through the 4th patch; Ctrl-C (SIGINT) after 2 patches
