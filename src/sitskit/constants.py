@@ -1,6 +1,6 @@
 """Dataset facts shared by the simulator, data_prep, datasets, models and metrics.
 
-Sources: ../shared/reference/pastis_utae_paps.md §1 (PASTIS) and mtlcc_and_anchors.md Part A (MTLCC).
+Sources: the PASTIS release and the MTLCC release (docs/simulator.md).
 """
 from __future__ import annotations
 

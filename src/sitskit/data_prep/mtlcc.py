@@ -1,4 +1,4 @@
-"""MTLCC gzip TFRecords -> sitskit HDF5 (format: reference mtlcc_and_anchors.md Part A).
+"""MTLCC gzip TFRecords -> sitskit HDF5 (format: docs/simulator.md, "MTLCC").
 
 Per tile and year: x10 + x20 + x60 are brought to the 10 m grid by **nearest** upsampling (pixel
 repetition ×2 / ×6, exactly what `F.interpolate(mode="nearest")` in MTLCC-pytorch and STCLN gives for

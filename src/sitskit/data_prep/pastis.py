@@ -1,4 +1,4 @@
-"""PASTIS / PASTIS-R folder -> sitskit HDF5 (layout: reference pastis_utae_paps.md §1).
+"""PASTIS / PASTIS-R folder -> sitskit HDF5 (layout: docs/simulator.md, "PASTIS").
 
 Differences from the reference loader, on purpose: dates must already be chronological and unique in the
 files (the reference silently sorts/de-duplicates the date list but not the image axis, which misaligns

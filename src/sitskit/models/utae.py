@@ -218,7 +218,7 @@ class UTAE(nn.Module):
 
 
 def reference_weight_init(m: nn.Module) -> None:
-    """utae-paps train_semantic.py `weight_init` as described in pastis_utae_paps.md §2.5.
+    """utae-paps train_semantic.py `weight_init` (docs/models.md, "U-TAE / L-TAE").
 
     Conv2d/ConvTranspose2d/Linear: xavier_normal weights, N(0,1) biases; Conv1d: N(0,1) weights and
     biases; BatchNorm: weight N(0,1), bias 0. GroupNorm and the L-TAE master queries are untouched.

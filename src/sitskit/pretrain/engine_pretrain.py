@@ -1,4 +1,4 @@
-"""One pre-training epoch: masked reconstruction with MSE on the masked entries (STCLN, stcln.md §2).
+"""One pre-training epoch: masked reconstruction with MSE on the masked entries (STCLN, docs/pretraining.md).
 
 A *micro-batch* is one forward/backward (a batch, or one crop of it with `data.step_per_crop`); every
 `grad_accum` micro-batches make one optimiser step. All randomness of micro-batch number `micro` — the

@@ -1,4 +1,4 @@
-"""Which pixel-dates to hide from the encoder during masked pre-training (STCLN, stcln.md §2).
+"""Which pixel-dates to hide from the encoder during masked pre-training (STCLN, docs/pretraining.md).
 
 Strategies (all share the mask across the channels of a pixel-date):
 - "time-space": each (date, pixel) independently; STCLN's default ("batchtimespace").
@@ -133,7 +133,7 @@ class MaskGenerator:
 
     band_names: the dataset's bands (B4 and B8 are looked up by name); norm_mean/norm_std: [C] such that
     image = (raw − mean) / std. ndvi_on = "reflectance" un-normalises first (true NDVI), "input" computes
-    on the network input as STCLN's PASTIS script does (stcln.md §6.5).
+    on the network input as STCLN's PASTIS script does.
     """
 
     def __init__(self, ratio: float, strategy: str = "time-space", sampling: str = "exact", gating: bool = True,

@@ -1,4 +1,4 @@
-"""PASTIS instance targets: INSTANCES, HEATMAP and ZONES from parcel ids (pastis_utae_paps.md §1.1, §1.8)."""
+"""PASTIS instance targets: INSTANCES, HEATMAP and ZONES from parcel ids (PASTIS / PaPs, docs/panoptic.md)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,6 @@
 """MTLCC simulator: one tile-year in memory (`simulate_mtlcc_tile`) and the on-disk writer.
 
-Layout written (mtlcc_and_anchors.md Part A), with F = 10 * size (480 for 48 px, 240 for 24 px):
+Layout written (the MTLCC release), with F = 10 * size (480 for 48 px, 240 for 24 px):
     F/data16/<tileid>.tfrecord.gz, F/data17/<tileid>.tfrecord.gz  (one gzip TFRecord, one Example each)
     F/tileids/{train_fold0,test_fold0,eval}.tileids  F/classes.txt  F/dataset.ini  F/geotransforms.csv
 Records hold L1C top-of-atmosphere DN (×10 000) as int64: x10 [T,H,W,4] (B4,B3,B2,B8), x20

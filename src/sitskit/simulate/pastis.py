@@ -1,6 +1,6 @@
 """PASTIS / PASTIS-R simulator: one patch in memory (`simulate_pastis_patch`) and the on-disk writer.
 
-Layout written (pastis_utae_paps.md §1):
+Layout written (the PASTIS release):
     metadata.geojson, NORM_S2_patch.json (+ NORM_S1A/S1D_patch.json with S1),
     DATA_S2/S2_<id>.npy int16 [T, 10, H, W], DATA_S1A|S1D/S1A|S1D_<id>.npy float32 [T, 3, H, W],
     ANNOTATIONS/TARGET_<id>.npy uint8 [3, H, W], ANNOTATIONS/ParcelIDs_<id>.npy int32 [H, W],
