@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from sitskit.models.stcln import STCLNPretrain
 from sitskit.pretrain.masking import MaskGenerator, step_generator, step_seed
 from sitskit.stage.state import TrainState
 
@@ -21,17 +22,11 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """pred, target: [B, T, C, H, W]; mask: bool [B, T, H, W] (True = masked). Mean squared error over
     the masked entries only (every channel of a masked pixel-date), in fp32; 0 when nothing is masked.
     Returns (loss scalar, per-band loss [C] detached)."""
-    err = (pred.float() - target.float()).square()
-    weight = mask.unsqueeze(2).to(err.dtype)  # [B, T, 1, H, W]
-    masked_err = err * weight
-    n_pixel_dates = weight.sum()
-    per_band = masked_err.sum(dim=(0, 1, 3, 4)) / n_pixel_dates.clamp_min(1)
-    loss = masked_err.sum() / (n_pixel_dates * err.shape[2]).clamp_min(1)
-    return loss, per_band.detach()
+    return masked_entries_mse(STCLNPretrain.masked_entries(pred, mask), STCLNPretrain.masked_entries(target, mask))
 
 
 def masked_entries_mse(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`masked_mse` on the masked entries alone: pred, target [M, C] (the masked pixel-dates). Same values."""
+    """`masked_mse` of the masked entries alone: pred, target [M, C] (the masked pixel-dates)."""
     err = (pred.float() - target.float()).square()
     m = max(err.shape[0], 1)
     per_band = err.sum(dim=0) / m
@@ -42,8 +37,6 @@ def forward_loss(model, x, dates, pad_mask, mask, masked_only: bool):
     """Reconstruction and masked MSE -> (loss, per-band loss). masked_only: the model computes the masked
     pixel-dates only (STCLNPretrain's `masked_only`), so no work is spent on outputs the loss ignores."""
     if masked_only:
-        from sitskit.models.stcln import STCLNPretrain
-
         pred = model(x, dates, pad_mask, mask, masked_only=True)
         return masked_entries_mse(pred, STCLNPretrain.masked_entries(x, mask))
     return masked_mse(model(x, dates, pad_mask, mask), x, mask)
@@ -109,10 +102,9 @@ def train_one_epoch(
             scheduler.step_update(state.step)
             if state.step % log_every == 0 or state.step == total_steps:
                 metrics = meter.summary(lr, grad_norm)
-                metrics["example"] = (x[0].detach(), _example_reconstruction(model, accelerator, x, dates,
-                                                                             pad_mask, mask), mask[0].detach(),
-                                      None if pad_mask is None else pad_mask[0].detach(),
-                                      dates[0])
+                # inputs only: the figure's reconstruction is computed once, at the end (`reconstruct_example`)
+                metrics["example"] = (x[0].detach().clone(), mask[0].detach(),
+                                      None if pad_mask is None else pad_mask[0].detach(), dates[0])
                 if on_step is not None:
                     on_step(metrics)
             if state.step >= total_steps:
@@ -131,11 +123,17 @@ def _supports_masked_only(model) -> bool:
 
 
 @torch.no_grad()
-def _example_reconstruction(model, accelerator, x, dates, pad_mask, mask) -> torch.Tensor:
-    """The first sample's full reconstruction [T, C, H, W] for the logged figure (the training forward may
-    have computed the masked entries only); dropout is active as in the step."""
-    one = None if pad_mask is None else pad_mask[:1]
-    return accelerator.unwrap_model(model)(x[:1], dates[:1], one, mask[:1])[0].detach()
+def reconstruct_example(model: torch.nn.Module, x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """One sample's full reconstruction for the logged figure, in eval mode (no dropout).
+    x: [T, C, H, W]; dates: [T]; pad_mask: [T] or None; mask: [T, H, W] -> [T, C, H, W]."""
+    was_training = model.training
+    model.eval()
+    try:
+        one = None if pad_mask is None else pad_mask[None]
+        return model(x[None], dates[None], one, mask[None])[0]
+    finally:
+        model.train(was_training)
 
 
 def _micro_batches(image: torch.Tensor, step_crop: int | None) -> Iterator[torch.Tensor]:

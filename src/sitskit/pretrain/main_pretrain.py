@@ -257,9 +257,11 @@ class Pretrainer(Stage):
         if self.cfg["run"]["figure"] and self.last_example is not None:
             import matplotlib.pyplot as plt
 
+            from sitskit.pretrain.engine_pretrain import reconstruct_example
             from sitskit.pretrain.figures import reconstruction_figure
 
-            x, pred, mask, pad, days = self.last_example
+            x, mask, pad, days = self.last_example
+            pred = reconstruct_example(self.accelerator.unwrap_model(self.model), x, days, pad, mask)
             keep = slice(None) if pad is None else ~pad.cpu()
             fig = reconstruction_figure(x.cpu()[keep], pred.cpu()[keep], mask.cpu()[keep], days.cpu()[keep],
                                         self.dataset.band_names, getattr(self.dataset, "norm_mean", None),
