@@ -237,12 +237,14 @@ def summary_table(rows: list[dict], kind: str) -> str:
 
 
 def mean_sd(values) -> str:
-    """'m ± sd' (sample sd) of the non-None values; 'n/a' if none."""
+    """'m ± sd' (sample sd) of the non-None values; the value alone for one (no sd to show); 'n/a' if none."""
     v = [x for x in values if x is not None]
     if not v:
         return "n/a"
     m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    if len(v) == 1:
+        return f"{m:.3f}"
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
     return f"{m:.3f} ± {sd:.3f}"
 
 
