@@ -7,11 +7,10 @@ its last invocation only):
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from sitskit.finetune.sweep import METRICS, summary_table
+from sitskit.finetune.sweep import result_row, summary_table
 
 W = Path("experiments/_work/ft")
 KINDS = {"labels": "labels", "labels_utae": "labels", "crossyear": "cross-year", "early": "early-season",
@@ -19,18 +18,13 @@ KINDS = {"labels": "labels", "labels_utae": "labels", "crossyear": "cross-year",
 
 
 def cells(folder: str) -> list[dict]:
-    """Every finished cell of a sweep folder, as a sweep results row: {"label", "x", "seed", "run",
-    "parameters", "train_seconds", "patches_per_s", "hardware", *METRICS}. Cell folders are
-    `<label>-<x>-s<seed>` (the label holds no '-')."""
+    """Every finished cell of a sweep folder, as the sweep's results rows (`sweep.result_row`). Cell folders
+    are `<label>-<x>-s<seed>` (the label holds no '-')."""
     out = []
     for f in sorted((W / folder).glob("*/test/metrics.json")):
-        run = f.parents[1].name
-        key, _, seed = run.rpartition("-s")
+        key, _, seed = f.parents[1].name.rpartition("-s")
         label, _, x = key.partition("-")
-        m = json.loads(f.read_text())
-        out.append({"label": label, "x": x, "seed": int(seed), "run": run, "parameters": m.get("parameters"),
-                    "train_seconds": m.get("train_seconds"), "patches_per_s": m.get("test_patches_per_s"),
-                    "hardware": (m.get("hardware") or {}).get("cpu"), **{k: m.get(k) for k in METRICS}})
+        out.append(result_row(W / folder, {"label": label, "x": x, "seed": int(seed)}))
     return out
 
 

@@ -168,7 +168,7 @@ def _main(argv: list[str]) -> int:
             proc.wait()
         raise
     finally:
-        rows = [_row(out, c) for c in cells if (out / _cell_name(c) / "test" / "metrics.json").is_file()]
+        rows = [result_row(out, c) for c in cells if (out / _cell_name(c) / "test" / "metrics.json").is_file()]
         if rows:
             write_results(out, rows, args)
             tracking.start_run("", "", run_id=parent.info.run_id)
@@ -190,7 +190,7 @@ def _wait_any(running: dict):
         time.sleep(0.5)
 
 
-def _row(out: Path, cell: dict) -> dict:
+def result_row(out: Path, cell: dict) -> dict:
     """One results.csv row: the cell, its test metrics, parameters, training seconds (without validation;
     the cell's wall time for runs written before that was recorded) and test patches per second."""
     run_name = _cell_name(cell)
