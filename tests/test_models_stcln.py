@@ -456,8 +456,10 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
     g = torch.randn_like(out)
     ours = (out, *torch.autograd.grad((out * g).sum(), ins))
     torch.manual_seed(7)
-    hidden = torch.native_dropout(torch.relu(ins[0] @ ins[1].t() + ins[2]), p, True)[0]
-    ref_out = hidden @ ins[3].t() + ins[4]
+    hidden = torch.relu(ins[0].reshape(-1, 8) @ ins[1].t() + ins[2])
+    dropped = torch.empty_like(hidden, dtype=torch.bool).bernoulli_(p)  # the function's draw: True = dropped
+    assert 0 < dropped.float().mean() < 1
+    ref_out = (hidden.masked_fill(dropped, 0.0) / (1 - p) @ ins[3].t() + ins[4]).view(3, t, 8)
     ref = (ref_out, *torch.autograd.grad((ref_out * g).sum(), ins))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)

@@ -20,10 +20,14 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sitskit.models.cpu_matmul import linear
+
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Plain attention. q: [B, Nq, E], k: [B, N, E], v: [B, N, D] -> [B, Nq, D] (materialises Nq x N)."""
-    return torch.softmax(torch.matmul(q, k.transpose(1, 2)) * scale, dim=-1).matmul(v)
+    """Plain attention. q: [B, Nq, E], k: [B, N, E], v: [B, N, D] -> [B, Nq, D] (materialises Nq x N).
+    Per sample through `cpu_matmul.linear` (q k^T is a linear with k as the weight)."""
+    return torch.stack([linear(torch.softmax(linear(qi, ki) * scale, dim=-1), vi.t())
+                        for qi, ki, vi in zip(q, k, v)])
 
 
 def chunked_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -76,15 +80,15 @@ class STAHead(nn.Module):
                        height: int) -> torch.Tensor:
         """`forward` on per-pixel layouts: feats, cnn_feats [B, H*W, T, D] -> logits [B, K, height, W]."""
         h = height
-        query = self.query(feats).flatten(2)  # [B, N, T*D], date-major like the reference
-        key = self.key(cnn_feats)
+        query = linear(feats, self.query.weight).flatten(2)  # [B, N, T*D], date-major like the reference
+        key = linear(cnn_feats, self.key.weight)
         if pad_mask is not None:
             key = key.masked_fill(pad_mask[:, None, :, None], 0.0)
         key = key.flatten(2)
-        value = self.value(self.temporal_max(feats, pad_mask))  # [B, N, D]
+        value = linear(self.temporal_max(feats, pad_mask), self.value.weight)  # [B, N, D]
         # scale 1/sqrt(D), not 1/sqrt(T*D): the reference's choice
         context = chunked_softmax_attention(query, key, value, self.d_model ** -0.5, self.chunk_size)
-        logits = self.classifier(self.gate * context + value)  # [B, N, K]
+        logits = linear(self.gate * context + value, self.classifier.weight, self.classifier.bias)  # [B, N, K]
         return rearrange(logits, "b (h w) k -> b k h w", h=h)
 
     @staticmethod

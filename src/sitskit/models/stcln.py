@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from sitskit.models.cpu_matmul import linear
 from sitskit.models.encoder_layer import EncoderLayer
 from sitskit.models.layers import (
     SequenceGroupNorm,
@@ -68,9 +69,10 @@ class PixelTransformer(nn.Module):
 
     def __init__(self, d_model: int = 256, n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3,
                  dropout: float = 0.1, norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, inference_chunk_tokens: int = 4096):
         super().__init__()
         self.grad_checkpointing = grad_checkpointing
+        self.inference_chunk_tokens = inference_chunk_tokens
         if d_model % pe_dim:
             raise ValueError(f"d_model={d_model} must be a multiple of pe_dim={pe_dim}")
         self.in_norm = SequenceGroupNorm(norm_groups, d_model)
@@ -116,7 +118,22 @@ class PixelTransformer(nn.Module):
 
     def run_layers(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The Transformer layers on unpadded sequences [S, T, D] -> [S, T, D]; with keep [S, T] bool, the
-        last layer computes the kept tokens only -> [M, D]."""
+        last layer computes the kept tokens only -> [M, D].
+
+        Without autograd, the sequences go through all layers `inference_chunk_tokens` tokens at a time
+        (exact: each pixel's sequence is independent). The intermediates are then a few MiB that the
+        allocator reuses, instead of [S*T, 1024] buffers that each cost fresh, page-faulted memory
+        (docs/models.md, "Performance")."""
+        s, t, _ = x.shape
+        rows = max(1, self.inference_chunk_tokens // t)
+        if keep is None and not torch.is_grad_enabled() and self.inference_chunk_tokens > 0 and s > rows:
+            out = torch.empty_like(x)
+            for start in range(0, s, rows):
+                out[start:start + rows] = self._run_layers(x[start:start + rows])
+            return out
+        return self._run_layers(x, keep)
+
+    def _run_layers(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         last = len(self.layer_stack) - 1
         for i, layer in enumerate(self.layer_stack):
             query_mask = keep if i == last else None
@@ -141,7 +158,8 @@ class STCLNEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 10, positions: str = "dates", widths: tuple[int, int] = (32, 256),
                  n_head: int = 8, d_ffn: int = 1024, n_layers: int = 3, dropout: float = 0.1,
-                 norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0, grad_checkpointing: bool = False):
+                 norm_groups: int = 8, pe_dim: int = 32, pe_period: float = 1000.0, grad_checkpointing: bool = False,
+                 inference_chunk_tokens: int = 4096):
         super().__init__()
         if positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
@@ -150,7 +168,7 @@ class STCLNEncoder(nn.Module):
         self.inc = DoubleConv(in_channels, widths[0])
         self.down1 = DoubleConv(widths[0], widths[1])
         self.temporal_encoder = PixelTransformer(widths[1], n_head, d_ffn, n_layers, dropout, norm_groups,
-                                                 pe_dim, pe_period, grad_checkpointing)
+                                                 pe_dim, pe_period, grad_checkpointing, inference_chunk_tokens)
 
     def forward(self, x: torch.Tensor, dates: torch.Tensor,
                 pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +234,7 @@ class STCLNPretrain(nn.Module):
                 raise ValueError("stcln_pretrain: masked_only=True needs a mask")
             keep = rearrange(mask, "b t h w -> b (h w) t")
         tokens, _ = self.encoder.forward_tokens(x, dates, pad_mask, keep)
-        pred = self.decoder(tokens)  # [B, H*W, T, C] (or [M, C]): the D-wide features are never transposed
+        pred = linear(tokens, self.decoder.weight, self.decoder.bias)  # [B, H*W, T, C] (or [M, C]): the D-wide features are never transposed
         return pred if masked_only else rearrange(pred, "b (h w) t c -> b t c h w", h=x.shape[-2])
 
     @staticmethod
