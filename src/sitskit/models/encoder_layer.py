@@ -77,8 +77,8 @@ class _FeedForwardFunction(torch.autograd.Function):
         grad_x = grad_w1 = grad_b1 = None
         if need_x or need_w1 or need_b1:
             gh = matmul_nt(gy, (w2 * ctx.scale if ctx.scale != 1.0 else w2).t())
-            # relu + dropout backward: hidden > 0 exactly where the unit was active and kept
-            gh = torch.ops.aten.threshold_backward(gh, hidden, 0.0)
+            # relu + dropout backward, in place: hidden > 0 exactly where the unit was active and kept
+            torch.ops.aten.threshold_backward.grad_input(gh, hidden, 0.0, grad_input=gh)
             if need_w1:
                 grad_w1 = gh.t().mm(x2)
             if need_b1:
