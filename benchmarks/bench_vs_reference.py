@@ -8,7 +8,10 @@
 Same weights and inputs for both. Times are interleaved in one process (reference and sitskit
 alternately, the order flipped every repetition) and the ratio is the median of the per-repetition
 ratios, so that a machine shared with other jobs slows both alike. The load average is printed beside
-every number. Before timing, each case checks that the outputs agree (eval mode, max |Δ|).
+every number. Before timing, each case checks that the outputs agree (eval mode, max |Δ|). Importing sitskit
+turns on torch's transparent huge pages for this process (THP_MEM_ALLOC_ENABLE=1, src/sitskit/__init__.py),
+so both implementations run with them; `THP_MEM_ALLOC_ENABLE=0 python benchmarks/bench_vs_reference.py`
+measures both without.
 
 Cases (sizes can be changed with --utae-size / --stcln-size / --dates / --batch):
 - utae-train:     U-TAE train step (forward, cross-entropy, backward, Adam), B x T x 10 x S x S
@@ -242,7 +245,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"bf16={args.bf16}, compile={args.compile}, channels_last={args.channels_last}, "
-          f"full_output={args.full_output}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"full_output={args.full_output}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
+          f"(both implementations), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []
     for name in args.only:
         res = run_interleaved(name, args, device)

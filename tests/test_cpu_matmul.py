@@ -153,3 +153,16 @@ def test_inference_chunking_gives_the_unchunked_encoder_output(backend, chunk_to
         got = model.encoder(x, dates, pad)[0]
     assert torch.allclose(got, ref, atol=1e-6, rtol=0)
     assert got[1, -2:].abs().max() == 0  # padded dates stay 0
+
+
+def test_importing_sitskit_turns_on_huge_pages_unless_the_user_chose():
+    import os
+    import subprocess
+    import sys
+    code = "import os, sitskit; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("1" if sys.platform.startswith("linux") else "None")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
