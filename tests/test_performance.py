@@ -123,3 +123,29 @@ def test_masks_equal_the_double_argsort_ranking(strategy):
             expected = chosen.view(b, t, h, w)
         assert torch.equal(mask, expected)
         assert mask.any()
+
+
+@pytest.mark.parametrize("mode", ["att_group", "att_mean"])
+def test_skip_aggregation_loop_equals_the_einsum_with_gradients(mode):
+    """The CPU date-by-date aggregation (U-TAE skips) against the einsum formula, values and gradients."""
+    from einops import rearrange
+
+    from sitskit.models.utae import aggregate_skip, resize
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, 6, 6, generator=g, requires_grad=True)
+    attn = torch.rand(4, 2, 5, 3, 3, generator=g).softmax(2).requires_grad_()
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    out = aggregate_skip(x, attn, pad, mode)
+    go = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, (x, attn), go)
+
+    a = attn.mean(0, keepdim=True) if mode == "att_mean" else attn
+    a = resize(a.flatten(0, 2), (6, 6)).view(a.shape[0], 2, 5, 6, 6) * (~pad).float()[None, :, :, None, None]
+    groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=a.shape[0])
+    ref = rearrange(torch.einsum("gbthw,gbtchw->bgchw", a, groups), "b g c h w -> b (g c) h w")
+    ref_grads = torch.autograd.grad(ref, (x, attn), go)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert grads[0][1, 3:].abs().max() == 0  # padded dates get no gradient
