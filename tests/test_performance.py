@@ -125,27 +125,42 @@ def test_masks_equal_the_double_argsort_ranking(strategy):
         assert mask.any()
 
 
-@pytest.mark.parametrize("mode", ["att_group", "att_mean"])
-def test_skip_aggregation_loop_equals_the_einsum_with_gradients(mode):
-    """The CPU date-by-date aggregation (U-TAE skips) against the einsum formula, values and gradients."""
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mode", ["att_group", "att_mean", "mean"])
+def test_skip_aggregation_on_frames_equals_the_einsum_with_gradients(mode, channels_last):
+    """U-TAE skips summed frame by frame on the gathered valid frames (NCHW or NHWC) against the einsum
+    formula on the zero-filled [B, T, ...] maps: values and gradients, padded dates contributing nothing."""
     from einops import rearrange
 
-    from sitskit.models.utae import aggregate_skip, resize
+    from sitskit.models.layers import gather_frames
+    from sitskit.models.utae import aggregate_skip, aggregate_skip_frames, resize
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, 6, 6, generator=g, requires_grad=True)
     attn = torch.rand(4, 2, 5, 3, 3, generator=g).softmax(2).requires_grad_()
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
-    out = aggregate_skip(x, attn, pad, mode)
+    frames = gather_frames(x, pad)
+    if channels_last:
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    out = aggregate_skip_frames(frames, attn, pad, (2, 5), mode)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     go = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad(out, (x, attn), go)
+    grads = torch.autograd.grad(out, (x, attn), go, allow_unused=True)
 
-    a = attn.mean(0, keepdim=True) if mode == "att_mean" else attn
-    a = resize(a.flatten(0, 2), (6, 6)).view(a.shape[0], 2, 5, 6, 6) * (~pad).float()[None, :, :, None, None]
-    groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=a.shape[0])
-    ref = rearrange(torch.einsum("gbthw,gbtchw->bgchw", a, groups), "b g c h w -> b (g c) h w")
-    ref_grads = torch.autograd.grad(ref, (x, attn), go)
+    valid = (~pad).float()
+    if mode == "mean":
+        ref = torch.einsum("btchw,bt->bchw", x, valid) / valid.sum(1)[:, None, None, None]
+    else:
+        a = attn.mean(0, keepdim=True) if mode == "att_mean" else attn
+        a = resize(a.flatten(0, 2), (6, 6)).view(a.shape[0], 2, 5, 6, 6) * valid[None, :, :, None, None]
+        groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=a.shape[0])
+        ref = rearrange(torch.einsum("gbthw,gbtchw->bgchw", a, groups), "b g c h w -> b (g c) h w")
+    ref_grads = torch.autograd.grad(ref, (x, attn), go, allow_unused=True)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(aggregate_skip(x, attn, pad, mode), ref, atol=1e-6, rtol=1e-5)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        if want is None:
+            assert got is None or got.abs().max() == 0
+        else:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert grads[0][1, 3:].abs().max() == 0  # padded dates get no gradient

@@ -83,7 +83,7 @@ def scatter_frames(frames: torch.Tensor, pad_mask: torch.Tensor | None, batch_sh
     if pad_mask is None or not bool(pad_mask.any()):
         return frames.unflatten(0, tuple(batch_shape))
     out = frames.new_full((*batch_shape, *frames.shape[1:]), fill_value)
-    return out.index_put((~pad_mask,), frames)
+    return out.index_put_((~pad_mask,), frames)
 
 
 def check_inputs(x: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None, in_channels: int,

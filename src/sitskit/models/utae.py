@@ -100,62 +100,84 @@ class UpConvBlock(nn.Module):
         return out + self.conv2(out)
 
 
-def aggregate_skip(x: torch.Tensor, attn: torch.Tensor, pad_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
+def aggregate_skip(x: torch.Tensor, attn: torch.Tensor | None, pad_mask: torch.Tensor | None,
+                   mode: str) -> torch.Tensor:
     """Collapse the time axis of a skip feature map with the L-TAE attention.
 
     x: [B,T,C,H,W], attn: [G,B,T,h,w] (resized bilinearly to H x W), pad_mask: [B,T] | None -> [B,C,H,W]
     att_group: channel group g (C/G channels) is summed over time with head g's attention;
-    att_mean: head-averaged attention; mean: plain mean over the valid dates.
+    att_mean: head-averaged attention; mean: plain mean over the valid dates. Padded dates count zero.
     """
-    valid = None if pad_mask is None else (~pad_mask).to(x.dtype)
+    return aggregate_skip_frames(gather_frames(x, pad_mask), attn, pad_mask, tuple(x.shape[:2]), mode)
+
+
+def aggregate_skip_frames(frames: torch.Tensor, attn: torch.Tensor | None, pad_mask: torch.Tensor | None,
+                          batch_shape: tuple[int, int], mode: str) -> torch.Tensor:
+    """`aggregate_skip` on the valid frames as the encoder produced them (`gather_frames` order).
+
+    frames: [N_valid,C,H,W] (NCHW or channels_last), attn: [G,B,T,h,w] | None (mode="mean"),
+    pad_mask: [B,T] | None -> [B,C,H,W] in the layout of `frames`. Never scatters the frames back into a
+    zero-filled [B,T,C,H,W] map: that copy, and the einsum's transposed copy of it, cost more than the sum.
+    """
+    b, t = batch_shape
+    counts = [t] * b if pad_mask is None else (~pad_mask).sum(dim=1).tolist()
+    n, c, h, w = frames.shape
     if mode == "mean":
-        if valid is None:
-            return x.mean(dim=1)
-        return torch.einsum("btchw,bt->bchw", x, valid) / valid.sum(dim=1)[:, None, None, None]
+        weights = torch.cat([frames.new_full((k,), 1.0 / k) for k in counts])[:, None, None, None]
+        return _SegmentWeightedSum.apply(frames, weights.expand_as(frames), counts)
     if mode == "att_mean":
         attn = attn.mean(dim=0, keepdim=True)
-    n_head, b, t = attn.shape[:3]
-    attn = resize(attn.flatten(0, 2), x.shape[-2:]).view(n_head, b, t, *x.shape[-2:])
-    if valid is not None:
-        attn = attn * valid[None, :, :, None, None]
-    if x.device.type == "cpu" and x.dtype == attn.dtype == torch.float32:
-        # on CPU the einsum below becomes a batched product over (b, g, h, w) that first copies x into
-        # a [.., C/G, T]-innermost layout; a loop over dates reads x as it lies (5-10x faster, docs/models.md)
-        groups = x.unflatten(2, (n_head, x.shape[2] // n_head))  # [B, T, G, C/G, H, W]
-        weights = rearrange(attn, "g b t h w -> b t g 1 h w")
-        return _WeightedTimeSum.apply(groups, weights).flatten(1, 2)
-    if mode == "att_mean":
-        return torch.einsum("bthw,btchw->bchw", attn[0], x)
-    groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=n_head)
-    return rearrange(torch.einsum("gbthw,gbtchw->bgchw", attn, groups), "b g c h w -> b (g c) h w")
+    n_head = attn.shape[0]
+    if c % n_head:
+        raise ValueError(f"aggregate_skip: {c} channels do not split into {n_head} attention groups")
+    valid = attn.flatten(1, 2) if pad_mask is None else attn[:, ~pad_mask]  # [G, N_valid, h, w]
+    valid = resize(valid.flatten(0, 1), (h, w)).view(n_head, n, h, w)
+    # one weight per channel, laid out like `frames`, so that the sum below is a plain elementwise loop
+    if frames.is_contiguous(memory_format=torch.channels_last) and not frames.is_contiguous():
+        weights = rearrange(valid, "g n h w -> n h w g 1").expand(n, h, w, n_head, c // n_head)
+        weights = weights.reshape(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        weights = rearrange(valid, "g n h w -> n g 1 h w").expand(n, n_head, c // n_head, h, w)
+        weights = weights.reshape(n, c, h, w)
+    return _SegmentWeightedSum.apply(frames, weights, counts)
 
 
-class _WeightedTimeSum(torch.autograd.Function):
-    """out = sum_t x[:, t] * w[:, t]. x: [B, T, *S] , w: [B, T, *S'] broadcastable to x[:, t] -> [B, *S].
+class _SegmentWeightedSum(torch.autograd.Function):
+    """out[b] = sum over the frames f of sample b of x[f] * w[f]; x, w: [N, C, H, W] with the same strides,
+    counts: frames per sample (consecutive) -> [B, C, H, W].
 
-    Date by date, so that neither pass materialises a [B, T, *S] temporary or a transposed copy of x.
+    Frame by frame with in-place multiply-adds: no [N, C, H, W] temporary in the forward pass.
     """
 
     @staticmethod
-    def forward(ctx, x, w):
-        out = torch.zeros_like(x[:, 0])
-        for t in range(x.shape[1]):
-            out.addcmul_(x[:, t], w[:, t])
+    def forward(ctx, x, w, counts):
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = x.new_empty((len(counts), *x.shape[1:])).contiguous(memory_format=fmt)
+        start = 0
+        for i, k in enumerate(counts):
+            torch.mul(x[start], w[start], out=out[i])
+            for f in range(start + 1, start + k):
+                out[i].addcmul_(x[f], w[f])
+            start += k
+        ctx.counts, ctx.fmt = counts, fmt
         ctx.save_for_backward(x, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
+        grad_out = grad_out.contiguous(memory_format=ctx.fmt)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
-        reduce_dims = [d for d in range(1, grad_out.dim()) if w.shape[d + 1] == 1 and grad_out.shape[d] != 1]
-        for t in range(x.shape[1]):
+        start = 0
+        for i, k in enumerate(ctx.counts):
             if grad_x is not None:
-                torch.mul(grad_out, w[:, t], out=grad_x[:, t])
+                torch.mul(w[start:start + k], grad_out[i], out=grad_x[start:start + k])
             if grad_w is not None:
-                grad_w[:, t] = (grad_out * x[:, t]).sum(dim=reduce_dims, keepdim=True)
-        return grad_x, grad_w
+                torch.mul(x[start:start + k], grad_out[i], out=grad_w[start:start + k])
+            start += k
+        return grad_x, grad_w, None
 
 
 def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -223,11 +245,12 @@ class UTAE(nn.Module):
         factor = 2 ** (self.n_stages - 1)
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"utae: H and W must be divisible by {factor}, got {tuple(x.shape[-2:])}")
-        feature_maps = self.encode(x, pad_mask)
-        out, attn = self.temporal_encoder(feature_maps[-1], dates, pad_mask, return_attention=True)
+        levels = self.encode_frames(x, pad_mask)
+        lowest = scatter_frames(levels[-1], pad_mask, x.shape[:2])
+        out, attn = self.temporal_encoder(lowest, dates, pad_mask, return_attention=True)
         maps = [out]
         for i, up in enumerate(self.up_blocks):
-            skip = aggregate_skip(feature_maps[-(i + 2)], attn, pad_mask, self.agg_mode)
+            skip = aggregate_skip_frames(levels[-(i + 2)], attn, pad_mask, x.shape[:2], self.agg_mode)
             out = up(out, skip)
             maps.append(out)
         if self.return_maps if return_maps is None else return_maps:
@@ -240,6 +263,11 @@ class UTAE(nn.Module):
 
     def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
         """Shared spatial encoder on the valid frames only -> per level [B,T,C_l,H/2^l,W/2^l] (pads = 0)."""
+        return [scatter_frames(level, pad_mask, x.shape[:2]) for level in self.encode_frames(x, pad_mask)]
+
+    def encode_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Shared spatial encoder on the valid frames -> per level [N_valid,C_l,H/2^l,W/2^l] (`gather_frames`
+        order)."""
         frames = gather_frames(x, pad_mask)
         if self.channels_last:
             frames = frames.contiguous(memory_format=torch.channels_last)
@@ -248,7 +276,7 @@ class UTAE(nn.Module):
         for down in self.down_blocks:
             frames = down(frames)
             levels.append(frames)
-        return [scatter_frames(level, pad_mask, x.shape[:2]) for level in levels]
+        return levels
 
 
 def reference_weight_init(m: nn.Module) -> None:
