@@ -70,10 +70,12 @@ def test_utae_channels_last_same_outputs_and_gradients(mode):
     plain = build("utae", mode=mode, encoder_widths=(16, 16, 32), decoder_widths=(16, 16, 32), n_head=4,
                   d_model=32, out_conv_width=8, channels_last=False)
     fast = build("utae", mode=mode, encoder_widths=(16, 16, 32), decoder_widths=(16, 16, 32), n_head=4,
-                 d_model=32, out_conv_width=8)  # channels_last=True is the default
+                 d_model=32, out_conv_width=8, channels_last=True)
     fast.load_state_dict(plain.state_dict(), strict=True)
     assert fast.in_conv.conv.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.in_conv.conv.conv[0].weight.is_contiguous()
+    auto = build("utae", encoder_widths=(16, 16, 32), decoder_widths=(16, 16, 32), n_head=4)
+    assert auto.channels_last == torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     x = torch.randn(2, 5, 10, 16, 16)
     dates = torch.sort(torch.randint(0, 365, (2, 5)), dim=1).values
     pad = torch.zeros(2, 5, dtype=torch.bool)

@@ -197,10 +197,11 @@ class UTAE(nn.Module):
       -> logits [B,K,H,W]; with return_maps: (out [B,32,H,W], [ltae_out 128@H/8, up0 64@H/4,
       up1 32@H/2, up2 32@H]) — the decoder maps for a panoptic head (utae-paps' `encoder=True`).
     H and W must be divisible by 2**(len(encoder_widths)-1) (8 by default).
-    channels_last=True (default) stores the 2-D convolution weights and runs the frames in NHWC, oneDNN's
-    preferred layout: on CPU it skips a transposed copy per strided convolution and per layer boundary
-    (docs/models.md, "Performance"). Same state-dict keys and values; outputs come with standard strides.
-    channels_last=False keeps NCHW.
+    channels_last=True stores the 2-D convolution weights and runs the frames in NHWC, oneDNN's preferred
+    layout: on CPU it skips a transposed copy per strided convolution (docs/models.md, "Performance").
+    Same state-dict keys and values; outputs come with standard strides. False keeps NCHW. None (default)
+    = True where torch's CPU capability is AVX-512 (measured faster there), False on AVX2-only CPUs
+    (NHWC weight gradients measured 2-4x slower).
     """
 
     def __init__(self, in_channels: int = 10, num_classes: int = 20,
@@ -209,7 +210,7 @@ class UTAE(nn.Module):
                  str_conv_k: int = 4, str_conv_s: int = 2, str_conv_p: int = 1, agg_mode: str = "att_group",
                  encoder_norm: str = "group", n_head: int = 16, d_model: int = 256, d_k: int = 4,
                  ltae_dropout: float = 0.2, padding_mode: str = "reflect", mode: str = "clean",
-                 return_maps: bool = False, channels_last: bool = True):
+                 return_maps: bool = False, channels_last: bool | None = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -237,6 +238,8 @@ class UTAE(nn.Module):
             raise ValueError(f"att_group needs encoder widths divisible by n_head={n_head}")
         if mode == "reference":
             self.apply(reference_weight_init)
+        if channels_last is None:
+            channels_last = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
         self.channels_last = channels_last
         if channels_last:  # NHWC weights and frames: oneDNN's preferred layout (docs/models.md, "Performance")
             self.to(memory_format=torch.channels_last)
