@@ -124,7 +124,7 @@ def aggregate_skip_frames(frames: torch.Tensor, attn: torch.Tensor | None, pad_m
     n, c, h, w = frames.shape
     if mode == "mean":
         weights = torch.cat([frames.new_full((k,), 1.0 / k) for k in counts])[:, None, None, None]
-        return _SegmentWeightedSum.apply(frames, weights.expand_as(frames), counts)
+        return _SegmentWeightedSum.apply(frames, weights.expand(n, 1, h, w), counts)
     if mode == "att_mean":
         attn = attn.mean(dim=0, keepdim=True)
     n_head = attn.shape[0]
@@ -132,51 +132,90 @@ def aggregate_skip_frames(frames: torch.Tensor, attn: torch.Tensor | None, pad_m
         raise ValueError(f"aggregate_skip: {c} channels do not split into {n_head} attention groups")
     valid = attn.flatten(1, 2) if pad_mask is None else attn[:, ~pad_mask]  # [G, N_valid, h, w]
     valid = resize(valid.flatten(0, 1), (h, w)).view(n_head, n, h, w)
-    # one weight per channel, laid out like `frames`, so that the sum below is a plain elementwise loop
-    if frames.is_contiguous(memory_format=torch.channels_last) and not frames.is_contiguous():
-        weights = rearrange(valid, "g n h w -> n h w g 1").expand(n, h, w, n_head, c // n_head)
-        weights = weights.reshape(n, h, w, c).permute(0, 3, 1, 2)
-    else:
-        weights = rearrange(valid, "g n h w -> n g 1 h w").expand(n, n_head, c // n_head, h, w)
-        weights = weights.reshape(n, c, h, w)
-    return _SegmentWeightedSum.apply(frames, weights, counts)
+    return _SegmentWeightedSum.apply(frames, valid.transpose(0, 1), counts)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class _SegmentWeightedSum(torch.autograd.Function):
-    """out[b] = sum over the frames f of sample b of x[f] * w[f]; x, w: [N, C, H, W] with the same strides,
-    counts: frames per sample (consecutive) -> [B, C, H, W].
+    """out[b][g-th channel group] = sum over the frames f of sample b of x[f][group g] * w[f, g].
 
-    Frame by frame with in-place multiply-adds: no [N, C, H, W] temporary in the forward pass.
+    x: [N, C, H, W] (NCHW or channels_last), w: [N, G, H, W] with G | C, counts: frames per sample
+    (consecutive) -> [B, C, H, W] in the layout of x. Frame by frame: no [N, C, H, W] weight or product is
+    materialised; in NHWC a frame's per-channel weights are the small product w[f] [HW, G] @ E [G, C]
+    (E: 0/1 group membership, exact) into a buffer that stays in cache.
     """
 
     @staticmethod
     def forward(ctx, x, w, counts):
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = x.new_empty((len(counts), *x.shape[1:])).contiguous(memory_format=fmt)
+        n, c, h, wd = x.shape
+        g = w.shape[1]
+        nhwc = _channels_last(x)
+        out = torch.empty((len(counts), c, h, wd), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        if nhwc:  # everything as [frames, HW, channels]
+            xs, outs = x.permute(0, 2, 3, 1).reshape(n, h * wd, c), out.permute(0, 2, 3, 1).view(-1, h * wd, c)
+            ws = w.permute(0, 2, 3, 1).reshape(n, h * wd, g)
+            expand = torch.repeat_interleave(torch.eye(g, dtype=x.dtype, device=x.device), c // g, dim=1)
+            buf = x.new_empty(h * wd, c)
+        else:  # everything as [frames, G, C/G, HW]
+            xs, outs = x.reshape(n, g, c // g, h * wd), out.view(-1, g, c // g, h * wd)
+            ws, expand = w.reshape(n, g, 1, h * wd), None
         start = 0
         for i, k in enumerate(counts):
-            torch.mul(x[start], w[start], out=out[i])
-            for f in range(start + 1, start + k):
-                out[i].addcmul_(x[f], w[f])
+            for f in range(start, start + k):
+                wf = torch.mm(ws[f], expand, out=buf) if nhwc else ws[f]
+                if f == start:
+                    torch.mul(xs[f], wf, out=outs[i])
+                else:
+                    outs[i].addcmul_(xs[f], wf)
             start += k
-        ctx.counts, ctx.fmt = counts, fmt
+        ctx.counts, ctx.nhwc, ctx.expand = counts, nhwc, expand
         ctx.save_for_backward(x, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
-        grad_out = grad_out.contiguous(memory_format=ctx.fmt)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.empty_like(w) if ctx.needs_input_grad[1] else None
+        n, c, h, wd = x.shape
+        g = w.shape[1]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        fmt = torch.channels_last if ctx.nhwc else torch.contiguous_format
+        grad_x = torch.empty_like(x, memory_format=fmt) if need_x else None
+        grad_w = None
+        if ctx.nhwc:
+            go = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(-1, h * wd, c)
+            xs, ws = x.permute(0, 2, 3, 1).reshape(n, h * wd, c), w.permute(0, 2, 3, 1).reshape(n, h * wd, g)
+            gxs = grad_x.permute(0, 2, 3, 1).view(n, h * wd, c) if need_x else None
+            if need_w:
+                grad_w = x.new_empty(n, h, wd, g)
+                gws = grad_w.view(n, h * wd, g)
+            buf = x.new_empty(h * wd, c)
+        else:
+            go = grad_out.contiguous().view(-1, g, c // g, h * wd)
+            xs, ws = x.reshape(n, g, c // g, h * wd), w.reshape(n, g, 1, h * wd)
+            gxs = grad_x.view(n, g, c // g, h * wd) if need_x else None
+            if need_w:
+                grad_w = x.new_empty(n, g, h, wd)
+                gws = grad_w.view(n, g, h * wd)
+            buf = x.new_empty(g, c // g, h * wd)
         start = 0
         for i, k in enumerate(ctx.counts):
-            if grad_x is not None:
-                torch.mul(w[start:start + k], grad_out[i], out=grad_x[start:start + k])
-            if grad_w is not None:
-                torch.mul(x[start:start + k], grad_out[i], out=grad_w[start:start + k])
+            for f in range(start, start + k):
+                if need_x:
+                    wf = torch.mm(ws[f], ctx.expand, out=buf) if ctx.nhwc else ws[f]
+                    torch.mul(go[i], wf, out=gxs[f])
+                if need_w:
+                    torch.mul(go[i], xs[f], out=buf)
+                    if ctx.nhwc:
+                        torch.mm(buf, ctx.expand.T, out=gws[f])
+                    else:
+                        torch.sum(buf, dim=1, out=gws[f])
             start += k
+        if grad_w is not None and ctx.nhwc:
+            grad_w = grad_w.permute(0, 3, 1, 2)
         return grad_x, grad_w, None
 
 
