@@ -18,7 +18,6 @@ from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from sitskit.models.layers import check_inputs, gather_frames, scatter_frames
@@ -139,6 +138,15 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _frame_rows(t: torch.Tensor, nhwc: bool, groups: int) -> torch.Tensor:
+    """[N, C, H, W] -> per frame, the layout `_SegmentWeightedSum` works in (views for dense inputs):
+    NHWC [N, H*W, C]; NCHW [N, groups, C/groups, H*W]."""
+    n, c, h, w = t.shape
+    if nhwc:
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c)
+    return t.reshape(n, groups, c // groups, h * w)
+
+
 class _SegmentWeightedSum(torch.autograd.Function):
     """out[b][g-th channel group] = sum over the frames f of sample b of x[f][group g] * w[f, g].
 
@@ -149,73 +157,55 @@ class _SegmentWeightedSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, counts):
-        n, c, h, wd = x.shape
+    def _setup(x, w):
+        """-> (x's row views, layout, scratch buffer [one frame], frame_weights(f): x[f]'s weights in a
+        broadcastable shape, group_sum(t, out): a frame's [.., C] product summed within channel groups)."""
+        _, c, h, wd = x.shape
         g = w.shape[1]
         nhwc = _channels_last(x)
-        out = torch.empty((len(counts), c, h, wd), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-        if nhwc:  # everything as [frames, HW, channels]
-            xs, outs = x.permute(0, 2, 3, 1).reshape(n, h * wd, c), out.permute(0, 2, 3, 1).view(-1, h * wd, c)
-            ws = w.permute(0, 2, 3, 1).reshape(n, h * wd, g)
+        ws = _frame_rows(w, nhwc, g)
+        if nhwc:
             expand = torch.repeat_interleave(torch.eye(g, dtype=x.dtype, device=x.device), c // g, dim=1)
             buf = x.new_empty(h * wd, c)
-        else:  # everything as [frames, G, C/G, HW]
-            xs, outs = x.reshape(n, g, c // g, h * wd), out.view(-1, g, c // g, h * wd)
-            ws, expand = w.reshape(n, g, 1, h * wd), None
+            return (_frame_rows(x, True, g), torch.channels_last, buf, lambda f: torch.mm(ws[f], expand, out=buf),
+                    lambda t, out: torch.mm(t, expand.T, out=out))
+        return (_frame_rows(x, False, g), torch.contiguous_format, x.new_empty(g, c // g, h * wd), lambda f: ws[f],
+                lambda t, out: torch.sum(t, dim=1, keepdim=True, out=out))
+
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        xs, fmt, _, frame_weights, _ = _SegmentWeightedSum._setup(x, w)
+        out = torch.empty((len(counts), *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        outs = _frame_rows(out, fmt is torch.channels_last, w.shape[1])
         start = 0
         for i, k in enumerate(counts):
-            for f in range(start, start + k):
-                wf = torch.mm(ws[f], expand, out=buf) if nhwc else ws[f]
-                if f == start:
-                    torch.mul(xs[f], wf, out=outs[i])
-                else:
-                    outs[i].addcmul_(xs[f], wf)
+            torch.mul(xs[start], frame_weights(start), out=outs[i])
+            for f in range(start + 1, start + k):
+                outs[i].addcmul_(xs[f], frame_weights(f))
             start += k
-        ctx.counts, ctx.nhwc, ctx.expand = counts, nhwc, expand
+        ctx.counts = counts
         ctx.save_for_backward(x, w)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, w = ctx.saved_tensors
-        n, c, h, wd = x.shape
-        g = w.shape[1]
         need_x, need_w = ctx.needs_input_grad[:2]
-        fmt = torch.channels_last if ctx.nhwc else torch.contiguous_format
+        xs, fmt, buf, frame_weights, group_sum = _SegmentWeightedSum._setup(x, w)
+        nhwc, g = fmt is torch.channels_last, w.shape[1]
+        go = _frame_rows(grad_out.contiguous(memory_format=fmt), nhwc, g)
         grad_x = torch.empty_like(x, memory_format=fmt) if need_x else None
-        grad_w = None
-        if ctx.nhwc:
-            go = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(-1, h * wd, c)
-            xs, ws = x.permute(0, 2, 3, 1).reshape(n, h * wd, c), w.permute(0, 2, 3, 1).reshape(n, h * wd, g)
-            gxs = grad_x.permute(0, 2, 3, 1).view(n, h * wd, c) if need_x else None
-            if need_w:
-                grad_w = x.new_empty(n, h, wd, g)
-                gws = grad_w.view(n, h * wd, g)
-            buf = x.new_empty(h * wd, c)
-        else:
-            go = grad_out.contiguous().view(-1, g, c // g, h * wd)
-            xs, ws = x.reshape(n, g, c // g, h * wd), w.reshape(n, g, 1, h * wd)
-            gxs = grad_x.view(n, g, c // g, h * wd) if need_x else None
-            if need_w:
-                grad_w = x.new_empty(n, g, h, wd)
-                gws = grad_w.view(n, g, h * wd)
-            buf = x.new_empty(g, c // g, h * wd)
+        grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device, memory_format=fmt) if need_w else None
+        gxs = _frame_rows(grad_x, nhwc, g) if need_x else None
+        gws = _frame_rows(grad_w, nhwc, g) if need_w else None
         start = 0
         for i, k in enumerate(ctx.counts):
             for f in range(start, start + k):
                 if need_x:
-                    wf = torch.mm(ws[f], ctx.expand, out=buf) if ctx.nhwc else ws[f]
-                    torch.mul(go[i], wf, out=gxs[f])
+                    torch.mul(go[i], frame_weights(f), out=gxs[f])
                 if need_w:
-                    torch.mul(go[i], xs[f], out=buf)
-                    if ctx.nhwc:
-                        torch.mm(buf, ctx.expand.T, out=gws[f])
-                    else:
-                        torch.sum(buf, dim=1, out=gws[f])
+                    group_sum(torch.mul(go[i], xs[f], out=buf), gws[f])
             start += k
-        if grad_w is not None and ctx.nhwc:
-            grad_w = grad_w.permute(0, 3, 1, 2)
         return grad_x, grad_w, None
 
 
@@ -304,10 +294,6 @@ class UTAE(nn.Module):
             return out, maps
         logits = self.out_conv(out)
         return logits.contiguous() if self.channels_last else logits
-
-    def encode(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
-        """Shared spatial encoder on the valid frames only -> per level [B,T,C_l,H/2^l,W/2^l] (pads = 0)."""
-        return [scatter_frames(level, pad_mask, x.shape[:2]) for level in self.encode_frames(x, pad_mask)]
 
     def encode_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> list[torch.Tensor]:
         """Shared spatial encoder on the valid frames -> per level [N_valid,C_l,H/2^l,W/2^l] (`gather_frames`
