@@ -90,8 +90,9 @@ def main() -> None:
         work = Path("/tmp/sitskit_bench_bf16")
         h5 = work / "pastis12.h5"
         if not h5.exists():
-            simulate_pastis(work / "raw", n_patches=12, size=128, seed=1)
-            convert_pastis(work / "raw", h5, workers=0)
+            workers = min(8, os.cpu_count() or 1)
+            simulate_pastis(work / "raw", n_patches=12, size=128, seed=1, workers=workers)
+            convert_pastis(work / "raw", h5, workers=workers)
     torch.manual_seed(0)
     train = build_dataset(h5, task="semantic", crop=32, seed=0)
     test = build_dataset(h5, task="semantic")

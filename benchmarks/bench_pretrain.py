@@ -3,7 +3,7 @@ clip + AdamW), at the paper's configuration by default: batch 4, 32x32 crops, T 
 encoder (CNN 32->256, 3 Transformer layers of width 256), mask ratio 0.4 with vegetation gating.
 
     python benchmarks/bench_pretrain.py                       # CPU, fp32
-    python benchmarks/bench_pretrain.py --device cuda --mixed-precision bf16
+    python benchmarks/bench_pretrain.py --device cuda --mixed-precision bf16 [--compile]
     python benchmarks/bench_pretrain.py --markdown   # a table row for benchmarks/RESULTS.md
 
 Inputs are synthetic standardised series (throughput does not depend on the values); padding is
@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--full-output", action="store_true",
                    help="compute every output (model.masked_only false) instead of the masked entries only")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in the warm-up)")
     p.add_argument("--markdown", action="store_true", help="print one markdown table row")
     return p.parse_args(argv)
 
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
     model = build("stcln_pretrain", in_channels=c, encoder_kwargs={
         "widths": list(args.widths), "n_layers": args.layers, "d_ffn": 4 * args.widths[1]}).to(device)
     n_params = sum(p.numel() for p in model.parameters())
+    run = torch.compile(model) if args.compile else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
     masker = MaskGenerator(0.4, "time-space", gating=True, ndvi_on="input", band_names=PASTIS_BANDS)
     image, dates, pad = synthetic_batch(args.batch_size, args.dates, c, args.crop, device)
@@ -73,7 +75,7 @@ def main(argv=None) -> dict:
     def step(i: int) -> None:
         mask, _ = masker(image, pad, step_generator(0, i, 0))
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss, _ = forward_loss(model, image, dates, pad, mask, masked_only=not args.full_output)
+            loss, _ = forward_loss(run, image, dates, pad, mask, masked_only=not args.full_output)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -104,16 +106,17 @@ def main(argv=None) -> dict:
     else:  # process peak RSS (Linux reports KiB)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         hardware = f"{cpu_model()}, {torch.get_num_threads()} threads"
-    result = {"hardware": hardware, "precision": args.mixed_precision, "batch": args.batch_size,
+    precision = args.mixed_precision + (" + compile" if args.compile else "")
+    result = {"hardware": hardware, "precision": precision, "batch": args.batch_size,
               "crop": args.crop, "dates": args.dates, "params_M": n_params / 1e6, "step_s": median,
               "samples_per_s": args.batch_size / median, "peak_MiB": peak,
               "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")}
     if args.markdown:
-        print(f"| {hardware} | {args.mixed_precision} | {args.batch_size} | {args.crop}x{args.crop} | "
+        print(f"| {hardware} | {precision} | {args.batch_size} | {args.crop}x{args.crop} | "
               f"{args.dates} | {n_params / 1e6:.2f} M | {median:.2f} | {result['samples_per_s']:.2f} | "
               f"{peak:.0f} | {result['load']:.1f} |")
     else:
-        print(f"STCLN pre-training step on {hardware} ({args.mixed_precision}): batch {args.batch_size}, "
+        print(f"STCLN pre-training step on {hardware} ({precision}): batch {args.batch_size}, "
               f"{args.crop}x{args.crop}, T={args.dates}, {n_params / 1e6:.2f} M params\n"
               f"  median step {median:.3f} s over {args.steps} ({', '.join(f'{t:.2f}' for t in times)})\n"
               f"  {result['samples_per_s']:.2f} samples/s, peak memory {peak:.0f} MiB"

@@ -41,14 +41,15 @@ def _cli(args: list[str], kill_after: str | None = None) -> subprocess.Completed
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-# SIGKILL between patches / halfway through the 4th patch; Ctrl-C (SIGINT) after 2 patches
-@pytest.mark.parametrize("kill_after", ["2", "3.5", "2:INT"])
+# SIGKILL between patches / halfway through the 4th patch; Ctrl-C (SIGINT) or SIGTERM after 2 patches
+@pytest.mark.parametrize("kill_after", ["2", "3.5", "2:INT", "2:TERM"])
 def test_resume_after_an_interrupt_gives_an_identical_file(kill_after, source, reference, tmp_path):
     out = tmp_path / "out.h5"
     args = ["pastis", "--root", str(source), "--out", str(out), "--sats", "S2", "S1A", "--workers", "2"]
     killed = _cli(args, kill_after)
-    if kill_after.endswith("INT"):
-        assert killed.returncode == 130 and "--resume" in killed.stderr + killed.stdout, killed.stderr
+    if ":" in kill_after:  # Ctrl-C and SIGTERM: the partial file is kept for --resume, exit 130 / 143
+        expected = 130 if kill_after.endswith("INT") else 143
+        assert killed.returncode == expected and "--resume" in killed.stderr + killed.stdout, killed.stderr
         kill_after = kill_after.split(":")[0]
     else:
         assert killed.returncode == -signal.SIGKILL, killed.stderr

@@ -242,6 +242,34 @@ def test_evaluation_splits_patches_over_processes_without_repeats(pastis_h5):
     assert sorted(seen[0] + seen[1]) == sorted(ds.ids) and not set(seen[0]) & set(seen[1]) and totals == 5
 
 
+@pytest.mark.parametrize("name, window", [("utae", None), ("stcln", 16)])
+def test_batched_evaluation_with_workers_equals_one_patch_at_a_time(pastis_h5, name, window):
+    """3 patches per forward (padded to the longest series) read by 2 DataLoader workers: the same
+    probabilities for every patch, in the same order, as one patch per forward read in this process."""
+    from accelerate import Accelerator
+
+    from sitskit.data import build_dataset
+    from sitskit.finetune.engine_finetune import evaluate
+    from sitskit.models import build
+
+    ds = build_dataset(pastis_h5, task="semantic")
+    torch.manual_seed(0)
+    kwargs = {"encoder_kwargs": {"widths": [8, 32], "n_head": 2, "d_ffn": 16, "n_layers": 1}} if name == "stcln" else {}
+    model = build(name, in_channels=10, num_classes=20, **kwargs)
+    runs = {}
+    for batch, workers in ((1, 0), (3, 2)):
+        seen = []
+        conf, n = evaluate(model, ds, Accelerator(cpu=True), 20, window=window, batch_size=batch,
+                           num_workers=workers, on_patch=lambda key, image, truth, probs, seen=seen:
+                           seen.append((key, probs)))
+        runs[batch] = conf, n, seen
+    (conf1, n1, one), (conf3, n3, batched) = runs[1], runs[3]
+    assert n1 == n3 == len(ds) and [k for k, _ in one] == [k for k, _ in batched] == list(ds.ids)
+    for (_, a), (_, b) in zip(one, batched):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert torch.equal(conf1, conf3)
+
+
 @pytest.mark.parametrize("case", ["missing_checkpoint", "encoder_not_finetuned", "other_dataset", "other_classes",
                                   "unknown_split", "cutoff_before_first_date", "missing_pretrained"])
 def test_bad_input_is_one_line_and_exit_2(case, run, encoder, pastis_h5, mtlcc_h5, tmp_path, capsys):

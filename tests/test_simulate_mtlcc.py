@@ -121,6 +121,11 @@ def test_same_seed_is_byte_identical_and_seed_matters(tmp_path, mtlcc_root):
                               _read(mtlcc_root / "240" / "data16" / "0.tfrecord.gz")["x10"])
 
 
+def test_workers_write_the_same_files(tmp_path, mtlcc_root):
+    parallel = simulate_mtlcc(tmp_path / "parallel", n_tiles=N_TILES, size=24, seed=5, workers=2)
+    assert _digest(parallel) == _digest(mtlcc_root)
+
+
 def test_cli_ids_and_size_48(tmp_path):
     out = tmp_path / "m"
     assert data_prep_main(["simulate", "--format", "mtlcc", "--out", str(out), "--ids", "17,4",

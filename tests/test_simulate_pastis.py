@@ -4,6 +4,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +182,29 @@ def test_same_seed_is_byte_identical_and_seed_matters(tmp_path, pastis_root):
                               np.load(other / "ANNOTATIONS" / "TARGET_10000.npy"))
 
 
+def test_workers_write_the_same_files(tmp_path, pastis_root):
+    parallel = simulate_pastis(tmp_path / "parallel", n_patches=N, size=SIZE, seed=3, with_s1=True, workers=2)
+    assert _digest(parallel) == _digest(pastis_root)
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_leaves_nothing(tmp_path, workers):
+    """`kill` (SIGTERM) midway: exit 143, one line, no output folder and no hidden partial folder."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sitskit.data_prep.cli", "simulate", "--format", "pastis",
+                             "--out", str(out), "--patches", "400", "--size", "32", "--workers", workers],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*/DATA_S2/*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_20m_bands_are_smoother_than_10m_bands():
     """PASTIS 20 m bands were bilinearly upsampled to 10 m: B8A varies less between neighbours than B8."""
     s2 = simulate_pastis_patch(30001, size=64, seed=0).s2.astype(np.float64)
@@ -208,6 +236,7 @@ def test_explicit_ids_and_cli(tmp_path):
     (["--format", "pastis", "--year", "19"], "four-digit"),
     (["--format", "mtlcc", "--year", "2016", "2016"], "distinct"),
     (["--format", "pastis", "--patches", "0"], "--patches"),
+    (["--format", "pastis", "--workers", "-1"], "--workers"),
 ])
 def test_bad_input_is_one_clear_error(tmp_path, capsys, argv, needle):
     out = tmp_path / "bad"

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from sitskit.errors import UserFacingError
+from sitskit.errors import UserFacingError, interrupt_exit_code, raise_on_sigterm
 
 
 def program_name() -> str:
@@ -46,15 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:
             _quiet_stdout()
         raise
+    raise_on_sigterm()
     try:
         result = args.func(args)
         sys.stdout.flush()
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the command has cleaned up (or kept a --resume file)
+        print("terminated" if interrupt_exit_code(exc) == 143 else "interrupted", file=sys.stderr)
+        return interrupt_exit_code(exc)
     except BrokenPipeError:  # e.g. `data_prep.py info f.h5 | head`: the reader left, not an error
         _quiet_stdout()
         return 0

@@ -5,11 +5,10 @@ picklable `read(args)` that returns a `PatchRecord` or raises `PatchError("<file
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sitskit.errors import UserFacingError
+from sitskit.parallel import ordered_map
 
 from .h5schema import H5Writer, OutputWriteError, os_error_reason, precompress
 
@@ -43,19 +43,7 @@ class Plan:
     index_fields: tuple[str, ...] = ()  # patch attrs copied into /index
 
 
-def _init_reader() -> None:
-    """Pool initializer. Ctrl-C is handled by the main process alone (it keeps the partial file for
-    --resume and shuts the pool down); on Linux a reader is SIGKILLed when the main process dies."""
-    import signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
-
-
-def _safe_read(read, key, args, compression=None):
+def _safe_read(read, args, compression=None):
     try:
         record = read(args)
     except PatchError as exc:
@@ -67,23 +55,8 @@ def _safe_read(read, key, args, compression=None):
 
 def _results(plan: Plan, todo: list[tuple[str, object]], workers: int, compression: str):
     """Yield (key, PatchRecord | PatchError) in plan order; at most 2*workers patches in flight."""
-    if workers <= 0:
-        for key, args in todo:
-            yield key, _safe_read(plan.read, key, args, compression)
-        return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_reader) as pool:
-        pending: deque = deque()
-        it = iter(todo)
-        for key, args in it:
-            pending.append((key, pool.submit(_safe_read, plan.read, key, args, compression)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            key, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt[0], pool.submit(_safe_read, plan.read, *nxt, compression)))
-            yield key, fut.result()
+    read = functools.partial(_safe_read, plan.read, compression=compression)
+    yield from zip((key for key, _ in todo), ordered_map(read, (args for _, args in todo), workers))
 
 
 def run(plan: Plan, out: str | os.PathLike, *, source: str, workers: int = 0, resume: bool = False,

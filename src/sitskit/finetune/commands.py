@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from sitskit.errors import UserFacingError
+from sitskit.errors import UserFacingError, interrupt_exit_code, raise_on_sigterm
 
 
 def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
+    raise_on_sigterm()
     try:
         if command == "sweep":
             from sitskit.finetune.sweep import main as sweep_main
@@ -28,9 +29,9 @@ def main(argv: list[str]) -> int:
     except UserFacingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (the sweep reports its own)
+        print("terminated" if interrupt_exit_code(exc) == 143 else "interrupted", file=sys.stderr)
+        return interrupt_exit_code(exc)
     except BrokenPipeError:
         from sitskit.stage.cli import quiet_closed_pipe
 
@@ -72,6 +73,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="sliding window size (default: the run's eval.window)")
     p.add_argument("--overlap", type=float, help="sliding window overlap (default: the run's)")
     p.add_argument("--max-doy", type=int, help="early season: dates up to this day of year (default: the run's)")
+    p.add_argument("--batch-size", type=int, help="patches per forward (default: the run's data.eval_batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading patches (0: this process)")
     p.add_argument("--max-date", help="early season: dates up to YYYY-MM-DD (default: the run's)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     return p
@@ -148,6 +151,14 @@ def _accelerator(args):
     return Accelerator(cpu=args.cpu)
 
 
+def _loader_args(args, meta: dict) -> dict:
+    """evaluate()'s batch_size / num_workers from --batch-size / --workers (default: the run's batch size)."""
+    batch = args.batch_size if args.batch_size is not None else meta["finetune_config"]["data"]["eval_batch_size"]
+    if batch < 1 or args.workers < 0:
+        raise UserFacingError(f"--batch-size {batch} / --workers {args.workers}: need >= 1 / >= 0")
+    return {"batch_size": batch, "num_workers": args.workers}
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 def evaluate_command(args) -> int:
     from sitskit.finetune.report import metrics_table, write_evaluation
@@ -173,7 +184,7 @@ def evaluate_command(args) -> int:
     confusion, n = evaluate(model, ds, acc, info["num_classes"],
                             window=args.window if args.window is not None else run_eval["window"],
                             overlap=args.overlap if args.overlap is not None else run_eval["overlap"],
-                            on_patch=sampler, progress=True, desc=f"evaluate {label}")
+                            on_patch=sampler, progress=True, desc=f"evaluate {label}", **_loader_args(args, meta))
     metrics = compute_metrics(confusion, info["class_names"], args.protocol, **info["protocol_kwargs"],
                               exclude_background=meta["finetune_config"]["loss"]["ignore_background"])
     metrics.update(n_patches=n, cutoff=cutoff, checkpoint=str(run_dir), data=str(Path(args.data).resolve()),
@@ -254,7 +265,7 @@ def predict_command(args) -> int:
         evaluate(model, ds, acc, info["num_classes"],
                  window=args.window if args.window is not None else run_eval["window"],
                  overlap=args.overlap if args.overlap is not None else run_eval["overlap"],
-                 on_patch=write, progress=True, desc=f"predict {label}")
+                 on_patch=write, progress=True, desc=f"predict {label}", **_loader_args(args, meta))
         writer.file.attrs["selection"] = label
         writer.file.attrs["cutoff"] = json.dumps(cutoff)
     print(f"wrote {args.out} ({len(ds.ids)} patches of {args.data})")

@@ -76,14 +76,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, state: Tra
 
 @torch.no_grad()
 def evaluate(model, dataset, accelerator, num_classes: int, window: int | None = None, overlap: float = 0.5,
-             batch_size: int = 1, keep: Callable[[str], bool] | None = None, on_patch=None, progress: bool = False,
-             desc: str = "evaluate"):
+             batch_size: int = 1, on_patch=None, progress: bool = False,
+             desc: str = "evaluate", num_workers: int = 0):
     """Score every patch of `dataset` exactly once, the patches split over the processes without padding.
+
+    `batch_size` patches per forward (native; with `window`, each patch's windows are batched instead), read
+    by `num_workers` DataLoader processes (0: in this process) while the model runs.
 
     Returns the confusion matrix [K, K] (rows = truth) summed over the processes, and the number of patches.
     `on_patch(key, image, truth, probs)` (main process, e.g. for figures or a prediction file) sees each of
     its patches. Models trained on crops score full patches natively, or with `window` (sliding window).
     """
+    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
     from sitskit.data import pad_collate
@@ -101,12 +105,16 @@ def evaluate(model, dataset, accelerator, num_classes: int, window: int | None =
 
     bar = tqdm(total=len(mine), desc=desc, unit="patch", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True, leave=False)
-    for start in range(0, len(mine), batch_size):
-        batch = pad_collate([dataset[i] for i in mine[start:start + batch_size]])
-        x = batch["image"].to(accelerator.device)
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, collate_fn=pad_collate,
+                        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda")
+    for batch in loader:
+        x = batch["image"].to(accelerator.device, non_blocking=True)
         dates, pad_mask = batch["dates"].to(accelerator.device), batch["pad_mask"].to(accelerator.device)
-        probs = torch.cat([predict_patch(forward, x[i:i + 1], dates[i:i + 1], pad_mask[i:i + 1], window=window,
-                                         overlap=overlap, num_classes=num_classes) for i in range(len(x))])
+        if window is None:  # one forward for the batch: padded dates change no model's output (tested)
+            probs = predict_patch(forward, x, dates, pad_mask, num_classes=num_classes)
+        else:
+            probs = torch.cat([predict_patch(forward, x[i:i + 1], dates[i:i + 1], pad_mask[i:i + 1], window=window,
+                                             overlap=overlap, num_classes=num_classes) for i in range(len(x))])
         pred = probs.argmax(1)
         truth = batch["semantic"].to(accelerator.device)
         meter.update(pred, truth)

@@ -98,7 +98,7 @@ def image_detections(det: dict, img: int) -> dict:
 @torch.no_grad()
 def evaluate_panoptic(model, dataset, accelerator, num_classes: int, criterion=None, *, panoptic_classes=None,
                       void_label: int | None = 19, batch_size: int = 1, tune: bool = False, on_patch=None,
-                      progress: bool = False, desc: str = "evaluate") -> dict:
+                      progress: bool = False, desc: str = "evaluate", num_workers: int = 0) -> dict:
     """Score every patch of `dataset` (task "panoptic") once, the patches split over the processes.
 
     Returns {"table": PanopticMeter table [K,4] (summed over processes), "confusion": [K,K] semantic confusion
@@ -107,7 +107,9 @@ def evaluate_panoptic(model, dataset, accelerator, num_classes: int, criterion=N
     tune: tune min_confidence on the whole selection first (stored in the model's buffer), see module doc.
     on_patch(key, image [T,C,H,W], truth {semantic, instances} [H,W], pred {instances, classes [H,W],
     instance_class, instance_score [n], semantic [K,H,W] pano_semantic logits}) (main process, not with tune).
+    `num_workers` DataLoader processes read the patches (0: this process).
     """
+    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
     from sitskit.data import pad_collate
@@ -131,8 +133,9 @@ def evaluate_panoptic(model, dataset, accelerator, num_classes: int, criterion=N
 
     bar = tqdm(total=len(mine), desc=desc, unit="patch", disable=not (progress and accelerator.is_main_process),
                dynamic_ncols=True, leave=False)
-    for start in range(0, len(mine), batch_size):
-        cpu_batch = pad_collate([dataset[i] for i in mine[start:start + batch_size]])
+    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, collate_fn=pad_collate,
+                        num_workers=num_workers, pin_memory=dev.type == "cuda")
+    for cpu_batch in loader:
         batch = to_device(cpu_batch, dev)
         with accelerator.autocast():
             out = model(batch["image"], batch["dates"], batch["pad_mask"], zones=batch["zones"], panoptic=True)

@@ -36,18 +36,19 @@ def blend_weight(h: int, w: int, device=None) -> torch.Tensor:
 def predict_patch(model_fn: ModelFn, image: torch.Tensor, dates: torch.Tensor, pad_mask: torch.Tensor | None,
                   window: int | tuple[int, int] | None = None, overlap: float = 0.5,
                   num_classes: int | None = None, batch_windows: int = 8, probs: bool = True) -> torch.Tensor:
-    """Class scores of one patch.
+    """Class scores of one patch (a batch of patches with window=None).
 
-    image: [1, T, C, H, W]; dates: [1, T]; pad_mask: [1, T] bool (True = padded) or None;
+    image: [B, T, C, H, W] (B = 1 with a window); dates: [B, T]; pad_mask: [B, T] bool (True = padded) or None;
     model_fn(x [B, T, C, h, w], dates [B, T], pad_mask [B, T] | None) -> logits [B, K, h, w].
     window: None = one native forward; else the window size (int or (h, w)). A window larger than the patch
     is **clamped** to the patch size along that axis. overlap in [0, 1): share of a window shared with the
     next. batch_windows: windows per forward. probs: blend and return softmax probabilities (default) or
     raw logits. num_classes: if given, the model output is checked against it.
-    Returns [1, K, H, W] float32 on image's device.
+    Returns [B, K, H, W] float32 on image's device.
     """
-    if image.ndim != 5 or image.shape[0] != 1:
-        raise ValueError(f"image must be [1, T, C, H, W], got {tuple(image.shape)}")
+    if image.ndim != 5 or (window is not None and image.shape[0] != 1):
+        raise ValueError(f"image must be [1, T, C, H, W] (or [B, T, C, H, W] without a window), "
+                         f"got {tuple(image.shape)}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
 
@@ -59,7 +60,7 @@ def predict_patch(model_fn: ModelFn, image: torch.Tensor, dates: torch.Tensor, p
 
     H, W = image.shape[-2:]
     if window is None:
-        return forward(image, 1)
+        return forward(image, image.shape[0])
     wh, ww = (window, window) if isinstance(window, int) else window
     if wh < 1 or ww < 1:
         raise ValueError(f"window must be positive, got {window}")

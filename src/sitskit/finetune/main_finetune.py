@@ -264,7 +264,8 @@ class Finetuner(Stage):
         confusion, n = evaluate(self.accelerator.unwrap_model(self.model), dataset, self.accelerator,
                                 self.info["num_classes"], window=e["window"], overlap=e["overlap"],
                                 batch_size=self.cfg["data"]["eval_batch_size"], on_patch=on_patch,
-                                progress=self.cfg["run"]["progress"], desc=name)
+                                progress=self.cfg["run"]["progress"], desc=name,
+                                num_workers=self.cfg["data"]["num_workers"])
         metrics = compute_metrics(confusion, self.info["class_names"], e["protocol"], **self.info["protocol_kwargs"],
                                   exclude_background=self.cfg["loss"]["ignore_background"])
         metrics["n_patches"] = n

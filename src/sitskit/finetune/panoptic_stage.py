@@ -151,7 +151,7 @@ class PanopticFinetuner(Finetuner):
                                                                    info["background_ids"]),
             void_label=info["void_ids"][0] if info["void_ids"] else None,
             batch_size=self.cfg["data"]["eval_batch_size"], tune=tune, on_patch=on_patch,
-            progress=self.cfg["run"]["progress"], desc=name)
+            progress=self.cfg["run"]["progress"], desc=name, num_workers=self.cfg["data"]["num_workers"])
         metrics = panoptic_metrics(result["table"], result["confusion"], info["class_names"],
                                    self.cfg["eval"]["protocol"], info["protocol_kwargs"], void_ids=info["void_ids"],
                                    background_ids=info["background_ids"],
@@ -370,7 +370,7 @@ def _info(meta: dict, ds) -> dict:
 def evaluate_checkpoint(args, model, meta: dict, run_dir: Path) -> int:
     """`finetune.py evaluate --checkpoint RUN` of a panoptic run: metrics.json + figures in --out (default
     <run>/eval-<selection>-<protocol>), with the checkpoint's own min_confidence."""
-    from sitskit.finetune.commands import _accelerator, _mlflow_run
+    from sitskit.finetune.commands import _accelerator, _loader_args, _mlflow_run
     from sitskit.finetune.engine_panoptic import evaluate_panoptic
 
     ds, label, cutoff = _checkpoint_panoptic_dataset(args, meta)
@@ -382,7 +382,7 @@ def evaluate_checkpoint(args, model, meta: dict, run_dir: Path) -> int:
                                panoptic_classes=panoptic_classes(info["num_classes"], info["void_ids"],
                                                                  info["background_ids"]),
                                void_label=info["void_ids"][0] if info["void_ids"] else None, on_patch=sampler,
-                               progress=True, desc=f"evaluate {label}")
+                               progress=True, desc=f"evaluate {label}", **_loader_args(args, meta))
     metrics = panoptic_metrics(result["table"], result["confusion"], info["class_names"], args.protocol,
                                info["protocol_kwargs"], void_ids=info["void_ids"],
                                background_ids=info["background_ids"],
@@ -402,7 +402,7 @@ def predict_checkpoint(args, model, meta: dict, run_dir: Path) -> int:
     """`finetune.py predict --checkpoint RUN` of a panoptic run: `semantic` = the panoptic map's class (0
     where no instance), `instances`, `instance_class`, `instance_score` per patch; `--probs`: the softmax of
     `pano_semantic` (uniform where no instance covers the pixel)."""
-    from sitskit.finetune.commands import _accelerator
+    from sitskit.finetune.commands import _accelerator, _loader_args
     from sitskit.finetune.engine_panoptic import evaluate_panoptic
     from sitskit.finetune.predictions import PredictionWriter
 
@@ -422,7 +422,7 @@ def predict_checkpoint(args, model, meta: dict, run_dir: Path) -> int:
                           panoptic_classes=panoptic_classes(info["num_classes"], info["void_ids"],
                                                             info["background_ids"]),
                           void_label=info["void_ids"][0] if info["void_ids"] else None, on_patch=write,
-                          progress=True, desc=f"predict {label}")
+                          progress=True, desc=f"predict {label}", **_loader_args(args, meta))
         writer.file.attrs["selection"] = label
         writer.file.attrs["cutoff"] = json.dumps(cutoff)
         writer.file.attrs["min_confidence"] = round(float(model.min_confidence), 6)

@@ -19,13 +19,12 @@ import json
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from sitskit.errors import UserFacingError
+from sitskit.errors import Terminated, UserFacingError, raise_on_sigterm
 
 KINDS = ("labels", "early-season", "cross-year", "models", "noise")
 AXIS = {"labels": "label share", "early-season": "cut-off", "cross-year": "encoder", "models": "model",
@@ -103,18 +102,10 @@ def grid(args) -> list[dict]:
     return cells
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM to the sweep: stop like Ctrl-C (running cells save their state), exit 143."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str]) -> int:
     try:
         return _main(argv)
-    except _Terminated:
+    except Terminated:  # SIGTERM: stop like Ctrl-C (running cells save their state), exit 143
         print("finetune.py sweep: SIGTERM: the running cells were stopped; finished cells are kept, rerun the same "
               "command to continue", file=sys.stderr)
         return 143
@@ -122,7 +113,7 @@ def main(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     args = parse(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    raise_on_sigterm()
     from sitskit import tracking
 
     out = Path(args.out or f"checkpoints/sweep-{args.kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")

@@ -37,6 +37,9 @@ def register(sub) -> None:
                    help="MTLCC: tiles for tileids/test_fold0.tileids (simulated too; the others go to train)")
     p.add_argument("--eval-ids", type=_int_list, default=None,
                    help="MTLCC: tiles for tileids/eval.tileids (simulated too; the others go to train)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="PASTIS/MTLCC: simulate patches in this many processes (0: in the main process); "
+                        "the files are the same for any number")
     p.set_defaults(func=run_simulate)
 
     s = sub.add_parser("show", help="plot one patch/tile of a PASTIS or MTLCC directory to a PNG",
@@ -55,10 +58,13 @@ def run_simulate(args) -> int:
 
     if args.patches is not None and args.patches < 1 and args.ids is None:
         raise UserFacingError(f"--patches {args.patches}: must be >= 1")
+    if args.workers < 0:
+        raise UserFacingError(f"--workers {args.workers}: must be >= 0")
     if args.format == "geotiff":  # one scene (--size px, default 256), not --patches patches
         from .geotiff import simulate_geotiff
-        if args.with_s1 or args.ids or args.test_ids or args.eval_ids:
-            raise UserFacingError("--with-s1/--ids/--test-ids/--eval-ids: not for --format geotiff (one S2 scene)")
+        if args.with_s1 or args.ids or args.test_ids or args.eval_ids or args.workers:
+            raise UserFacingError("--with-s1/--ids/--test-ids/--eval-ids/--workers: not for --format geotiff "
+                                  "(one S2 scene)")
         out = simulate_geotiff(args.out, size=args.size or 256, seed=args.seed,
                                year=args.year[0] if args.year else 2019)
         print(f"wrote {out}")
@@ -71,13 +77,13 @@ def run_simulate(args) -> int:
             raise UserFacingError(f"--year {args.year}: PASTIS takes one harvest year")
         year = args.year[0] if args.year else 2019
         out = simulate_pastis(args.out, n_patches=args.patches, size=args.size or 128, seed=args.seed,
-                              with_s1=args.with_s1, ids=args.ids, year=year)
+                              with_s1=args.with_s1, ids=args.ids, year=year, workers=args.workers)
     else:
         if args.with_s1:
             raise UserFacingError("--with-s1: Sentinel-1 exists only for PASTIS (PASTIS-R), not MTLCC")
         out = simulate_mtlcc(args.out, n_tiles=args.patches, size=args.size or 48, seed=args.seed,
                              years=tuple(args.year) if args.year else (2016, 2017), ids=args.ids,
-                             test_ids=args.test_ids, eval_ids=args.eval_ids)
+                             test_ids=args.test_ids, eval_ids=args.eval_ids, workers=args.workers)
     print(f"wrote {out}")
     return 0
 

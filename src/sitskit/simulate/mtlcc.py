@@ -23,6 +23,7 @@ from sitskit.constants import MTLCC_CLASSES, MTLCC_SRID, MTLCC_UNKNOWN, MTLCC_YE
 from sitskit.errors import UserFacingError
 from sitskit.formats.mtlcc_record import encode_mtlcc_example
 from sitskit.formats.tfrecord import write_tfrecord
+from sitskit.parallel import ordered_map
 
 from . import atmosphere, scene
 from .output import atomic_output_dir
@@ -206,14 +207,22 @@ def _check_ids(ids, option: str) -> list[int]:
     return ids
 
 
+def _write_tile_year(job: tuple) -> None:
+    """Simulate one tile-year and write its gzip TFRecord (a pool task of `simulate_mtlcc`)."""
+    path, tid, year, size, seed = job
+    _write_gzip_record(path, simulate_mtlcc_tile(tid, year, size=size, seed=seed).example())
+
+
 def simulate_mtlcc(out_dir, n_tiles: int = 8, size: int = 48, seed: int = 0,
                    years: tuple[int, ...] = (2016, 2017), ids: list[int] | None = None,
-                   test_ids: list[int] | None = None, eval_ids: list[int] | None = None) -> Path:
+                   test_ids: list[int] | None = None, eval_ids: list[int] | None = None,
+                   workers: int = 0) -> Path:
     """Write a simulated MTLCC dataset (gzip TFRecords) under `out_dir/<10*size>/`; returns `out_dir`.
 
     Tiles: `ids` if given, else 0..n_tiles-1. Splits: by position in the sorted ids (see `split_of`),
     unless `test_ids` / `eval_ids` are given: then those tiles (simulated too) form test_fold0.tileids /
     eval.tileids and every other tile is in train_fold0.tileids (e.g. to reproduce a published protocol).
+    `workers` > 0 simulates tile-years in that many processes (same files: deterministic per tile-year).
     """
     check_size(size)
     explicit = test_ids is not None or eval_ids is not None
@@ -240,13 +249,10 @@ def simulate_mtlcc(out_dir, n_tiles: int = 8, size: int = 48, seed: int = 0,
         (root / "tileids").mkdir(parents=True)
         for y in years:
             (root / f"data{y % 100:02d}").mkdir()
-        pbar = tqdm(total=len(ids) * len(years), desc="simulate MTLCC", unit="tile-year")
-        for tid in ids:
-            for y in years:
-                tile = simulate_mtlcc_tile(tid, y, size=size, seed=seed)
-                _write_gzip_record(root / f"data{y % 100:02d}" / f"{tid}.tfrecord.gz", tile.example())
-                pbar.update()
-        pbar.close()
+        jobs = [(root / f"data{y % 100:02d}" / f"{tid}.tfrecord.gz", tid, y, size, seed) for tid in ids for y in years]
+        for _ in tqdm(ordered_map(_write_tile_year, jobs, workers), total=len(jobs), desc="simulate MTLCC",
+                      unit="tile-year"):
+            pass
         splits: dict[str, list[int]] = {"train_fold0": [], "test_fold0": [], "eval": []}
         for k, tid in enumerate(ids):
             if explicit:

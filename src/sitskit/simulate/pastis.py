@@ -25,6 +25,7 @@ from sitskit.constants import (
     S2_RESOLUTION_M,
 )
 from sitskit.errors import UserFacingError
+from sitskit.parallel import ordered_map
 
 from . import atmosphere, scene
 from .instances import centerness, instance_codes
@@ -269,12 +270,36 @@ def check_ids(ids: list[int]) -> list[int]:
     return sorted(ids)
 
 
+def _write_patch(job: tuple) -> tuple[dict, dict]:
+    """Simulate one patch and write its arrays under `tmp` -> (geojson properties, {sat: (mean, std)}).
+    A pool task of `simulate_pastis` (deterministic in seed and id, so the order of workers does not matter)."""
+    tmp, pid, fold, size, seed, with_s1, year = job
+    p = simulate_pastis_patch(pid, size=size, seed=seed, with_s1=with_s1, year=year)
+    np.save(tmp / "DATA_S2" / f"S2_{pid}.npy", p.s2)
+    stats = {"S2": _patch_stats(p.s2)}
+    props = {"ID_PATCH": pid, "Fold": fold, "TILE": p.tile,
+             "N_Parcel": int(len(np.unique(p.instances)) - 1),
+             "Parcel_Cover": round(float((p.parcel_ids != 0).mean()), 4),
+             "dates-S2": _date_dict(p.dates)}
+    for sat, (sdates, arr) in p.s1.items():
+        np.save(tmp / f"DATA_{sat}" / f"{sat}_{pid}.npy", arr)
+        stats[sat] = _patch_stats(arr)
+        props[f"dates-{sat}"] = _date_dict(sdates)
+    np.save(tmp / "ANNOTATIONS" / f"TARGET_{pid}.npy", p.target)
+    np.save(tmp / "ANNOTATIONS" / f"ParcelIDs_{pid}.npy", p.parcel_ids)
+    np.save(tmp / "INSTANCE_ANNOTATIONS" / f"HEATMAP_{pid}.npy", p.heatmap)
+    np.save(tmp / "INSTANCE_ANNOTATIONS" / f"INSTANCES_{pid}.npy", p.instances)
+    np.save(tmp / "INSTANCE_ANNOTATIONS" / f"ZONES_{pid}.npy", p.zones)
+    return props, stats
+
+
 def simulate_pastis(out_dir, n_patches: int = 8, size: int = 128, seed: int = 0, with_s1: bool = False,
-                    ids: list[int] | None = None, year: int = 2019) -> Path:
+                    ids: list[int] | None = None, year: int = 2019, workers: int = 0) -> Path:
     """Write a simulated PASTIS (PASTIS-R with `with_s1`) dataset to `out_dir`; returns its path.
 
     Patch ids: `ids` if given (10000..49999, tile = id // 10000), else `default_ids(n_patches)`.
-    Folds 1..5 are assigned round-robin over the sorted ids. Deterministic in (seed, id, size, year).
+    Folds 1..5 are assigned round-robin over the sorted ids. Deterministic in (seed, id, size, year):
+    `workers` > 0 simulates patches in that many processes and writes the same files.
     """
     check_size(size)
     if not 1000 < year < 10000:
@@ -287,26 +312,14 @@ def simulate_pastis(out_dir, n_patches: int = 8, size: int = 128, seed: int = 0,
         for sub in [f"DATA_{s}" for s in sats] + ["ANNOTATIONS", "INSTANCE_ANNOTATIONS"]:
             (tmp / sub).mkdir()
         features, stats = [], {s: {} for s in sats}
-        for k, pid in enumerate(tqdm(ids, desc="simulate PASTIS", unit="patch")):
-            fold = k % 5 + 1
-            p = simulate_pastis_patch(pid, size=size, seed=seed, with_s1=with_s1, year=year)
-            np.save(tmp / "DATA_S2" / f"S2_{pid}.npy", p.s2)
-            stats["S2"].setdefault(fold, []).append(_patch_stats(p.s2))
-            props = {"ID_PATCH": pid, "Fold": fold, "TILE": p.tile,
-                     "N_Parcel": int(len(np.unique(p.instances)) - 1),
-                     "Parcel_Cover": round(float((p.parcel_ids != 0).mean()), 4),
-                     "dates-S2": _date_dict(p.dates)}
-            for sat, (sdates, arr) in p.s1.items():
-                np.save(tmp / f"DATA_{sat}" / f"{sat}_{pid}.npy", arr)
-                stats[sat].setdefault(fold, []).append(_patch_stats(arr))
-                props[f"dates-{sat}"] = _date_dict(sdates)
-            np.save(tmp / "ANNOTATIONS" / f"TARGET_{pid}.npy", p.target)
-            np.save(tmp / "ANNOTATIONS" / f"ParcelIDs_{pid}.npy", p.parcel_ids)
-            np.save(tmp / "INSTANCE_ANNOTATIONS" / f"HEATMAP_{pid}.npy", p.heatmap)
-            np.save(tmp / "INSTANCE_ANNOTATIONS" / f"INSTANCES_{pid}.npy", p.instances)
-            np.save(tmp / "INSTANCE_ANNOTATIONS" / f"ZONES_{pid}.npy", p.zones)
+        jobs = [(tmp, pid, k % 5 + 1, size, seed, with_s1, year) for k, pid in enumerate(ids)]
+        results = ordered_map(_write_patch, jobs, workers)
+        for (_, pid, fold, *_), (props, patch_stats) in zip(jobs, tqdm(results, total=len(jobs),
+                                                                      desc="simulate PASTIS", unit="patch")):
+            for sat, st in patch_stats.items():
+                stats[sat].setdefault(fold, []).append(st)
             features.append({"type": "Feature", "id": str(pid), "properties": props,
-                             "geometry": {"type": "Polygon", "coordinates": [_footprint(p.tile, pid, size)]}})
+                             "geometry": {"type": "Polygon", "coordinates": [_footprint(props["TILE"], pid, size)]}})
         meta = {"type": "FeatureCollection", "name": "metadata",
                 "crs": {"type": "name", "properties": {"name": f"urn:ogc:def:crs:{PASTIS_CRS.replace(':', '::')}"}},
                 "features": features}
