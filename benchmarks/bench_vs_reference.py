@@ -19,7 +19,7 @@ Cases (sizes can be changed with --utae-size / --stcln-size / --dates / --batch)
 - stcln-pretrain: STCLN pre-training step (mask draw with vegetation gating, forward, masked MSE,
                   backward, clip 5, Adam), 32 x 32 crops; the last sample has 10 % padded dates
 - stcln-eval:     STCLN classifier (encoder + STA head) forward on one S x S patch
-sitskit's U-TAE runs in mode="reference" (NHWC on AVX-512 CPUs, its default; --nchw for NCHW) and its STCLN with
+sitskit's U-TAE runs in mode="reference" (NHWC on AVX-512 CPUs, its default; --nchw / --nhwc force one) and its STCLN with
 positions="index", the numerics of the reference, so that outputs can be compared; the clean modes cost
 the same.
 """
@@ -68,7 +68,8 @@ def make_case(name: str, args, device):
     torch.manual_seed(0)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     if name.startswith("utae"):
-        ours = build("utae", mode="reference", channels_last=False if args.nchw else None).to(device)
+        layout = False if args.nchw else True if getattr(args, "nhwc", False) else None
+        ours = build("utae", mode="reference", channels_last=layout).to(device)
         ref = ReferenceUTAE().to(device)
         ref.load_state_dict(ours.state_dict(), strict=True)
         x, dates, pad = series(args.batch, args.dates, 10, args.utae_size, device, pad_last=0.1)
@@ -240,6 +241,7 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile sitskit's model")
     p.add_argument("--nchw", action="store_true",
                    help="sitskit's U-TAE with channels_last=False (default: NHWC on AVX-512 CPUs)")
+    p.add_argument("--nhwc", action="store_true", help="sitskit's U-TAE with channels_last=True on any CPU")
     p.add_argument("--full-output", action="store_true",
                    help="STCLN pre-training computes every output (model.masked_only false), as the reference")
     p.add_argument("--memory", action="store_true", help="also measure the peak RSS increase per case")
@@ -250,7 +252,7 @@ def main(argv=None) -> None:
         return
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
-          f"bf16={args.bf16}, compile={args.compile}, nchw={args.nchw}, "
+          f"bf16={args.bf16}, compile={args.compile}, nchw={args.nchw}, nhwc={args.nhwc}, "
           f"full_output={args.full_output}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')} "
           f"(both implementations), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     rows = []

@@ -167,3 +167,24 @@ def test_skip_aggregation_on_frames_equals_the_einsum_with_gradients(mode, chann
         else:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     assert grads[0][1, 3:].abs().max() == 0  # padded dates get no gradient
+
+
+@pytest.mark.parametrize("src, dst", [((8, 8), (64, 64)), ((8, 8), (16, 16)), ((5, 7), (13, 29)), ((1, 1), (4, 4)),
+                                      ((16, 16), (8, 8))])
+def test_resize_by_matrix_products_equals_interpolate_with_gradients(src, dst):
+    """The U-TAE attention upsampling as A_h @ maps @ A_w^T: F.interpolate's values and gradients (float64,
+    odd ratios included); shrinking stays average pooling."""
+    import torch.nn.functional as F
+
+    from sitskit.models.utae import resize
+
+    x = torch.rand(6, *src, dtype=torch.float64, requires_grad=True)
+    if dst[0] >= src[0]:
+        want = F.interpolate(x[:, None], size=dst, mode="bilinear", align_corners=False)[:, 0]
+    else:
+        want = F.adaptive_avg_pool2d(x[:, None], dst)[:, 0]
+    got = resize(x, dst)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], rtol=0,
+                               atol=1e-12)
