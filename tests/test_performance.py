@@ -136,10 +136,10 @@ def test_skip_aggregation_on_frames_equals_the_einsum_with_gradients(mode, chann
     from einops import rearrange
 
     from sitskit.models.layers import gather_frames
-    from sitskit.models.utae import aggregate_skip, aggregate_skip_frames, resize
+    from sitskit.models.utae import aggregate_skip, aggregate_skip_frames
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, 6, 6, generator=g, requires_grad=True)
-    attn = torch.rand(4, 2, 5, 3, 3, generator=g).softmax(2).requires_grad_()
+    attn = torch.rand(4, 2, 5, 3, 4, generator=g).softmax(2).requires_grad_()  # 3 x 4 -> 6 x 6: two ratios
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     frames = gather_frames(x, pad)
@@ -155,7 +155,9 @@ def test_skip_aggregation_on_frames_equals_the_einsum_with_gradients(mode, chann
         ref = torch.einsum("btchw,bt->bchw", x, valid) / valid.sum(1)[:, None, None, None]
     else:
         a = attn.mean(0, keepdim=True) if mode == "att_mean" else attn
-        a = resize(a.flatten(0, 2), (6, 6)).view(a.shape[0], 2, 5, 6, 6) * valid[None, :, :, None, None]
+        a = torch.nn.functional.interpolate(a.flatten(0, 2)[:, None], size=(6, 6), mode="bilinear",
+                                            align_corners=False).view(a.shape[0], 2, 5, 6, 6)
+        a = a * valid[None, :, :, None, None]
         groups = rearrange(x, "b t (g c) h w -> g b t c h w", g=a.shape[0])
         ref = rearrange(torch.einsum("gbthw,gbtchw->bgchw", a, groups), "b g c h w -> b (g c) h w")
     ref_grads = torch.autograd.grad(ref, (x, attn), go, allow_unused=True)
@@ -188,3 +190,5 @@ def test_resize_by_matrix_products_equals_interpolate_with_gradients(src, dst):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], rtol=0,
                                atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # attention weights stay in their dtype, as with F.interpolate
+        assert resize(x.detach().float(), dst).dtype == torch.float32

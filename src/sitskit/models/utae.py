@@ -14,6 +14,7 @@ forward pass).
 """
 from __future__ import annotations
 
+import contextlib
 from itertools import pairwise
 
 import torch
@@ -222,6 +223,12 @@ def bilinear_matrix(n_out: int, n_in: int, dtype: torch.dtype, device) -> torch.
     return a.to(dtype=dtype, device=device)
 
 
+def _without_autocast(device_type: str):
+    """autocast off (a no-op context on devices without autocast, e.g. "meta" for shape inference)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda", "xpu", "mps"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
+
+
 def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[N,h,w] -> [N,*size]: bilinear (align_corners=False) upsampling, average pooling when shrinking.
 
@@ -235,7 +242,7 @@ def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if size[0] >= h and size[1] >= w:
         a_h = bilinear_matrix(size[0], h, maps.dtype, maps.device)
         a_w = bilinear_matrix(size[1], w, maps.dtype, maps.device)
-        with torch.autocast(maps.device.type, enabled=False):
+        with _without_autocast(maps.device.type):
             return torch.matmul(a_h, torch.matmul(maps, a_w.t()))
     return F.adaptive_avg_pool2d(maps[:, None], size)[:, 0]
 
