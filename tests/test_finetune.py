@@ -132,8 +132,9 @@ def test_evaluate_covers_every_patch_once_and_predictions_reproduce_it(run, past
     by_ckpt = json.loads((workdir / "eval_all" / "metrics.json").read_text())
     assert by_ckpt["n_patches"] == 5
     pred = workdir / "pred.h5"
+    # 3 patches per forward read by 2 DataLoader workers: scored below against the one-by-one evaluation
     assert commands.main(["predict", "--checkpoint", str(run), "--data", str(pastis_h5), "--all", "--out",
-                          str(pred), "--probs"]) == 0
+                          str(pred), "--probs", "--batch-size", "3", "--workers", "2"]) == 0
     with h5py.File(pred) as p, h5py.File(pastis_h5) as d:
         assert sorted(p["patches"]) == sorted(d["patches"])
         for key in d["patches"]:
