@@ -6,6 +6,11 @@ import argparse
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="source dataset folder")
+    add_output_options(p)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """--out, --workers, --resume, --skip-bad, --force, --compression: every conversion command's."""
     p.add_argument("--out", required=True, help="output .h5 file (written atomically)")
     p.add_argument("--workers", type=int, default=0, help="reader processes (0: read in the main process)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted conversion of --out")

@@ -5,6 +5,8 @@ subcommand to the parser (docs/own_region.md).
 """
 from __future__ import annotations
 
+from sitskit.data_prep.commands import add_output_options
+
 
 def register_geotiff(sub) -> None:
     """Add the `geotiff` subcommand (same --out/--workers/--resume/--skip-bad/--force/--compression as
@@ -28,14 +30,7 @@ def register_geotiff(sub) -> None:
     p.add_argument("--split-block", type=int, default=1024, help="side in px of the spatial blocks of the split")
     p.add_argument("--seed", type=int, default=0, help="seed of the block split")
     p.add_argument("--reference-date", help="day 0 of the date encoding (default: 1 September before the first date)")
-    p.add_argument("--out", required=True, help="output .h5 file (written atomically)")
-    p.add_argument("--workers", type=int, default=0, help="reader processes (0: read in the main process)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion of --out")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip bad patches and write <out>.skipped.json instead of stopping")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    p.add_argument("--compression", default="zstd", metavar="zstd[:1-9]|gzip[:1-9]|none",
-                   help="as for `pastis`: zstd (default) or gzip (readable without plugins)")
+    add_output_options(p)
     p.set_defaults(func=_geotiff)
 
 

@@ -1,18 +1,17 @@
 """One fine-tuning epoch (cross-entropy on labelled pixels) and the evaluation of a selection of patches.
 
-Randomness of micro-batch `micro` (dropout) comes from a seed derived from (seed, micro, rank), and samples
-from (seed, epoch, index), so a resumed run repeats an uninterrupted one exactly.
+The epoch is `stage.engine.supervised_epoch` with this loss. Randomness of micro-batch `micro` (dropout) comes
+from a seed derived from (seed, micro, rank), and samples from (seed, epoch, index), so a resumed run repeats
+an uninterrupted one exactly.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from sitskit.pretrain.masking import step_seed
+from sitskit.stage.engine import supervised_epoch
 from sitskit.stage.state import TrainState
 
 
@@ -31,47 +30,21 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore: tor
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, state: TrainState, cfg: dict,
                     criterion: Callable, total_steps: int, on_step: Callable[[dict], None] | None = None,
                     on_batch_end: Callable[[], bool] | None = None) -> bool:
-    """Rest of epoch `state.epoch` from batch `state.batch` (the loader already skips the done ones).
-    Returns True when training must stop (total_steps reached or stop requested)."""
-    seed, accum, clip = cfg["run"]["seed"], cfg["optim"]["grad_accum"], cfg["optim"]["clip_grad"]
-    log_every, rank = cfg["run"]["log_every"], accelerator.process_index
-    model.train()
-    loss_sum, n, samples, t0 = None, 0, 0, time.perf_counter()
-    for batch in loader:
-        x = batch["image"].to(accelerator.device, non_blocking=True)
-        dates = batch["dates"].to(accelerator.device, non_blocking=True)
-        pad_mask = batch["pad_mask"].to(accelerator.device, non_blocking=True)
-        target = batch["semantic"].to(accelerator.device, non_blocking=True)
-        sync = (state.micro + 1) % accum == 0
-        torch.manual_seed(step_seed(seed, state.micro, rank, 0))  # dropout stream of this micro-batch
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            with accelerator.autocast():
-                logits = model(x, dates, pad_mask)
-            loss = criterion(logits, target)
-            accelerator.backward(loss / accum)
-        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
-        n, samples = n + 1, samples + x.shape[0]
-        state.micro += 1
-        if sync:
-            lr = optimizer.param_groups[-1]["lr"]  # the head's group: optim.lr
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            scheduler.step_update(state.step)
-            if on_step is not None and (state.step % log_every == 0 or state.step == total_steps):
-                mean = accelerator.reduce(loss_sum / max(n, 1), reduction="mean")
-                metrics = {"loss": float(mean), "lr": float(lr),
-                           "samples_per_s": samples * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                on_step(metrics)
-                loss_sum, n, samples, t0 = None, 0, 0, time.perf_counter()
-        state.batch += 1
-        stop = on_batch_end() if on_batch_end is not None else False
-        if state.step >= total_steps or stop:
-            return True
-    return False
+    """Rest of epoch `state.epoch` from batch `state.batch` (the loader already skips the done ones), with
+    `criterion(logits, target)` (`masked_cross_entropy`). Logs loss, lr, grad_norm. Returns True when training
+    must stop (total_steps reached or stop requested)."""
+    device = accelerator.device
+
+    def compute_loss(batch):
+        x, dates, pad_mask, target = (batch[k].to(device, non_blocking=True)
+                                      for k in ("image", "dates", "pad_mask", "semantic"))
+        with accelerator.autocast():
+            logits = model(x, dates, pad_mask)
+        loss = criterion(logits, target)
+        return loss, loss.detach().float()[None]
+
+    return supervised_epoch(model, loader, optimizer, scheduler, accelerator, state, cfg, compute_loss,
+                            total_steps, on_step=on_step, on_batch_end=on_batch_end)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """One panoptic (PaPs) fine-tuning epoch and the panoptic evaluation of a selection of patches.
 
-Same structure as `engine_finetune`: the dropout stream of micro-batch `micro` comes from a seed derived from
-(seed, micro, rank), so a resumed run repeats an uninterrupted one. The loss is `PaPsLoss` on the centres
+The epoch is `stage.engine.supervised_epoch`, as for `engine_finetune`, with this loss: the dropout stream
+of micro-batch `micro` comes from a seed derived from (seed, micro, rank), so a resumed run repeats an
+uninterrupted one. The loss is `PaPsLoss` on the centres
 matched one per zone (docs/panoptic.md); the stage switches it to heatmap-only for the first epochs.
 
 The evaluation scores every patch once with the panoptic map of the *detected* centres. With `tune=True`
@@ -11,13 +12,11 @@ builds the panoptic maps with the tuned threshold from the detections it kept (o
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from collections.abc import Callable
 
 import torch
 
-from sitskit.pretrain.masking import step_seed
+from sitskit.stage.engine import supervised_epoch
 from sitskit.stage.state import TrainState
 
 TERMS = ("centre", "size", "class", "shape")
@@ -38,44 +37,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, state: Tra
     """
     from sitskit.models.paps_loss import check_panoptic_targets
 
-    seed, accum, clip = cfg["run"]["seed"], cfg["optim"]["grad_accum"], cfg["optim"]["clip_grad"]
-    log_every, rank = cfg["run"]["log_every"], accelerator.process_index
-    model.train()
-    sums, n, samples, t0 = None, 0, 0, time.perf_counter()
-    for batch in loader:
+    def compute_loss(batch):
         check_panoptic_targets(batch)
         batch = to_device(batch, accelerator.device)
-        sync = (state.micro + 1) % accum == 0
-        torch.manual_seed(step_seed(seed, state.micro, rank, 0))  # dropout stream of this micro-batch
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            with accelerator.autocast():
-                out = model(batch["image"], batch["dates"], batch["pad_mask"], zones=batch["zones"])
-            losses = criterion(_float(out), batch)
-            accelerator.backward(losses["loss"] / accum)
-        terms = torch.stack([losses[k].detach().float() for k in ("loss", *TERMS)])
-        sums = terms if sums is None else sums + terms
-        n, samples = n + 1, samples + batch["image"].shape[0]
-        state.micro += 1
-        if sync:
-            lr = optimizer.param_groups[-1]["lr"]
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            scheduler.step_update(state.step)
-            if on_step is not None and (state.step % log_every == 0 or state.step == total_steps):
-                mean = accelerator.reduce(sums / max(n, 1), reduction="mean").tolist()
-                metrics = {"loss": mean[0], **{f"loss_{k}": v for k, v in zip(TERMS, mean[1:])}, "lr": float(lr),
-                           "samples_per_s": samples * accelerator.num_processes / max(time.perf_counter() - t0, 1e-9)}
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
-                on_step(metrics)
-                sums, n, samples, t0 = None, 0, 0, time.perf_counter()
-        state.batch += 1
-        stop = on_batch_end() if on_batch_end is not None else False
-        if state.step >= total_steps or stop:
-            return True
-    return False
+        with accelerator.autocast():
+            out = model(batch["image"], batch["dates"], batch["pad_mask"], zones=batch["zones"])
+        losses = criterion(_float(out), batch)
+        return losses["loss"], torch.stack([losses[k].detach().float() for k in ("loss", *TERMS)])
+
+    return supervised_epoch(model, loader, optimizer, scheduler, accelerator, state, cfg, compute_loss,
+                            total_steps, terms=TERMS, on_step=on_step, on_batch_end=on_batch_end)
 
 
 def _float(out: dict) -> dict:

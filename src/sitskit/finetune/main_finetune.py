@@ -24,6 +24,7 @@ import torch
 
 from sitskit.errors import UserFacingError
 from sitskit.finetune.config_finetune import SECTIONS
+from sitskit.finetune.report import METRIC_KEYS
 from sitskit.stage.base import Stage, index_digest
 from sitskit.stage.cli import run_main
 
@@ -105,7 +106,6 @@ class Finetuner(Stage):
 
         self.scheduler = build_scheduler(self.optimizer, o, self.total_steps)
         self.criterion = self.build_criterion()
-        self.last_saved = 0
         self.state.extra = {"best": None, "best_epoch": -1, "bad_evals": 0, "validated_epoch": -1}
 
     def build_dataset(self, which: str, **override):
@@ -149,15 +149,6 @@ class Finetuner(Stage):
         weight = None if self.class_weight is None else self.class_weight.to(self.accelerator.device)
         return partial(masked_cross_entropy, ignore=self.ignore.to(self.accelerator.device), weight=weight,
                        label_smoothing=self.cfg["loss"]["label_smoothing"])
-
-    def run_info(self) -> dict:
-        return {**super().run_info(), "data_sha256_index": self.data_digest}
-
-    def on_restored(self, progress: dict) -> None:
-        if progress.get("data_sha256_index") not in (None, self.data_digest):
-            raise UserFacingError(f"--resume {self.run_dir}: {self.cfg['data']['path']} is not the data file the run "
-                                  "started on (its /index differs)")
-        self.last_saved = self.state.step
 
     def log_inputs(self) -> None:
         from sitskit import tracking
@@ -243,11 +234,10 @@ class Finetuner(Stage):
         extra["validated_epoch"] = ev
         if self.val_dataset is None:
             return False
-        metrics = self.score(self.val_dataset, "val")
-        value = metrics[e["metric"]]
+        metrics = self.validate()
+        value = self.selection_value(metrics)
         if self.accelerator.is_main_process:
-            self.log_metrics({f"val/{k}": metrics[k] for k in ("OA", "mIoU", "mF1", "kappa")
-                              if metrics.get(k) is not None}, step=self.state.step)
+            self.log_metrics(self.validation_log(metrics), step=self.state.step)
         improved = value is not None and (extra["best"] is None or value > extra["best"])
         if improved:
             extra.update(best=value, best_epoch=ev, bad_evals=0)
@@ -255,6 +245,19 @@ class Finetuner(Stage):
         else:
             extra["bad_evals"] += 1
         return bool(e["patience"]) and extra["bad_evals"] >= e["patience"]
+
+    # hooks of validate_epoch, overridden by the panoptic stage
+    def validate(self) -> dict:
+        """Metrics of the validation set."""
+        return self.score(self.val_dataset, "val")
+
+    def selection_value(self, metrics: dict):
+        """The value the best model maximises (eval.metric); None = not defined."""
+        return metrics[self.cfg["eval"]["metric"]]
+
+    def validation_log(self, metrics: dict) -> dict:
+        """What validation logs to MLflow."""
+        return {f"val/{k}": metrics[k] for k in METRIC_KEYS if metrics.get(k) is not None}
 
     def score(self, dataset, name: str, on_patch=None) -> dict:
         from sitskit.finetune.engine_finetune import evaluate

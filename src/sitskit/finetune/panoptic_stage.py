@@ -17,7 +17,7 @@ import torch
 
 from sitskit.errors import UserFacingError
 from sitskit.finetune.main_finetune import Finetuner, selection
-from sitskit.finetune.report import METRIC_KEYS
+from sitskit.finetune.report import METRIC_KEYS, PatchSampler
 
 PANOPTIC_KEYS = ("PQ", "SQ", "RQ")
 PANOPTIC_MODELS = ("utae_paps", "stcln_paps")
@@ -115,31 +115,19 @@ class PanopticFinetuner(Finetuner):
         """The reference trains the heatmap head alone for its first epochs."""
         self.criterion.heatmap_only = epoch < heatmap_only_epochs(self.cfg["train"]["epochs"])
 
-    def validate_epoch(self) -> bool:
-        """As the semantic stage, but the meter runs over the whole validation set, min_confidence is tuned
-        there first (the tuned value is in the exported weights), and the best model is the one with the
-        highest validation PQ."""
-        e, extra, ev = self.cfg["eval"], self.state.extra, self.state.epoch
-        last = self.state.step >= self.total_steps
-        if extra["validated_epoch"] == ev or not (last or (ev + 1) % e["every"] == 0):
-            return False
-        extra["validated_epoch"] = ev
-        if self.val_dataset is None:
-            return False
-        metrics = self.score(self.val_dataset, "val", tune=True)
-        value = metrics[SELECTION_METRIC]
-        if self.accelerator.is_main_process:
-            logged = {f"val/{k}": metrics[k] for k in (*PANOPTIC_KEYS, *METRIC_KEYS) if metrics.get(k) is not None}
-            logged.update({f"val/loss_{k}" if k != "loss" else "val/loss": v for k, v in metrics["loss"].items()})
-            logged["val/min_confidence"] = metrics["min_confidence"]
-            self.log_metrics(logged, step=self.state.step)
-        improved = value is not None and (extra["best"] is None or value > extra["best"])
-        if improved:
-            extra.update(best=value, best_epoch=ev, bad_evals=0)
-            self.export_model(metrics)
-        else:
-            extra["bad_evals"] += 1
-        return bool(e["patience"]) and extra["bad_evals"] >= e["patience"]
+    # validate_epoch as the semantic stage's, but min_confidence is tuned on the whole validation set first
+    # (the tuned value is in the exported weights) and the best model is the one with the highest PQ
+    def validate(self) -> dict:
+        return self.score(self.val_dataset, "val", tune=True)
+
+    def selection_value(self, metrics: dict):
+        return metrics[SELECTION_METRIC]
+
+    def validation_log(self, metrics: dict) -> dict:
+        logged = {f"val/{k}": metrics[k] for k in (*PANOPTIC_KEYS, *METRIC_KEYS) if metrics.get(k) is not None}
+        logged.update({f"val/loss_{k}" if k != "loss" else "val/loss": v for k, v in metrics["loss"].items()})
+        logged["val/min_confidence"] = metrics["min_confidence"]
+        return logged
 
     def score(self, dataset, name: str, on_patch=None, tune: bool = False) -> dict:
         from sitskit.finetune.engine_panoptic import evaluate_panoptic
@@ -208,26 +196,12 @@ class PanopticFinetuner(Finetuner):
 
 
 # ------------------------------------------------------------------------------------------ reports
-class PanopticSampler:
+class PanopticSampler(PatchSampler):
     """Keeps the first `n` patches seen (main process) for the panoptic overlay figure."""
 
-    def __init__(self, n: int, band_names, mean, std):
-        self.n, self.band_names, self.patches = n, list(band_names), []
-        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-
-    def __call__(self, key, image, truth, pred) -> None:
-        if len(self.patches) >= self.n:
-            return
-        from sitskit.finetune.figures import patch_rgb
-
-        raw = image.numpy() * self.std[None, :, None, None] + self.mean[None, :, None, None]
-        try:
-            rgb = patch_rgb(raw, self.band_names)
-        except ValueError:
-            rgb = None
-        self.patches.append({"rgb": rgb, "title": key,
-                             "true_instances": truth["instances"].numpy(), "true_classes": truth["semantic"].numpy(),
-                             "pred_instances": pred["instances"].numpy(), "pred_classes": pred["classes"].numpy()})
+    def record(self, truth, pred) -> dict:
+        return {"true_instances": truth["instances"].numpy(), "true_classes": truth["semantic"].numpy(),
+                "pred_instances": pred["instances"].numpy(), "pred_classes": pred["classes"].numpy()}
 
 
 def instance_outlines(instances: np.ndarray) -> np.ndarray:

@@ -11,23 +11,30 @@ METRIC_KEYS = ("OA", "mIoU", "mF1", "kappa")
 
 
 class PatchSampler:
-    """Keeps the first `n` patches seen (main process) for the RGB / truth / prediction / error figure."""
+    """Keeps the first `n` patches seen (main process) for the RGB / truth / prediction / error figure.
+    Subclasses (the panoptic overlay) override `record`."""
 
     def __init__(self, n: int, band_names, mean, std):
         self.n, self.band_names, self.patches = n, list(band_names), []
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
-    def __call__(self, key, image, truth, probs) -> None:
-        if len(self.patches) >= self.n:
-            return
+    def __call__(self, key, image, truth, pred) -> None:
+        if len(self.patches) < self.n:
+            self.patches.append({"rgb": self.rgb(image), "title": key, **self.record(truth, pred)})
+
+    def rgb(self, image):
+        """image: normalised [T, C, H, W] tensor -> [H, W, 3] in [0, 1], or None without B4/B3/B2 (e.g. S1)."""
         from sitskit.finetune.figures import patch_rgb
 
         raw = image.numpy() * self.std[None, :, None, None] + self.mean[None, :, None, None]
         try:
-            rgb = patch_rgb(raw, self.band_names)
-        except ValueError:  # no B4/B3/B2 (e.g. an S1 series)
-            rgb = None
-        self.patches.append({"truth": truth.numpy(), "pred": probs.argmax(0).numpy(), "rgb": rgb, "title": key})
+            return patch_rgb(raw, self.band_names)
+        except ValueError:
+            return None
+
+    def record(self, truth, probs) -> dict:
+        """truth: [H, W] classes; probs: [K, H, W] -> what the figure needs of the patch."""
+        return {"truth": truth.numpy(), "pred": probs.argmax(0).numpy()}
 
 
 def write_evaluation(out_dir: Path, metrics: dict, class_names: list[str], ignore: list[int],

@@ -15,6 +15,7 @@ import torch
 
 from sitskit.models.stcln import STCLNPretrain
 from sitskit.pretrain.masking import MaskGenerator, step_generator, step_seed
+from sitskit.stage.engine import optimizer_step
 from sitskit.stage.state import TrainState
 
 
@@ -94,12 +95,7 @@ def train_one_epoch(
             state.micro += 1
             if not sync:
                 continue
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip and clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            scheduler.step_update(state.step)
+            lr, grad_norm = optimizer_step(model, optimizer, scheduler, accelerator, state, clip)
             if state.step % log_every == 0 or state.step == total_steps:
                 metrics = meter.summary(lr, grad_norm)
                 # inputs only: the figure's reconstruction is computed once, at the end (`reconstruct_example`)

@@ -50,7 +50,6 @@ class Pretrainer(Stage):
         self.total_steps = self.count_total_steps()
         self.scheduler = self.build_scheduler(self.optimizer, self.total_steps)
         self.masker = self.build_masker(self.dataset)
-        self.last_saved = 0
 
     def build_datasets(self):
         from sitskit.data import build_dataset
@@ -129,15 +128,6 @@ class Pretrainer(Stage):
                                  nir_band=m["nir_band"])
         except ValueError as exc:
             raise UserFacingError(f"mask: {exc}") from exc
-
-    def run_info(self) -> dict:
-        return {**super().run_info(), "data_sha256_index": self.data_digest}
-
-    def on_restored(self, progress: dict) -> None:
-        if progress.get("data_sha256_index") not in (None, self.data_digest):
-            raise UserFacingError(f"--resume {self.run_dir}: {self.cfg['data']['path']} is not the data file the run "
-                                  "started on (its /index differs)")
-        self.last_saved = self.state.step
 
     def log_inputs(self) -> None:
         from sitskit import tracking

@@ -37,6 +37,8 @@ class Stage:
         self.stop = None
         self.progress = None
         self.skip_metrics_until = -1
+        self.last_saved = 0  # step of the newest saved state
+        self.data_digest = None  # build(): index_digest of the training file, checked on --resume
 
     # ------------------------------------------------------------------------------------------ setup
     def build(self) -> None:
@@ -204,8 +206,11 @@ class Stage:
         return steps[-1] if steps else None
 
     def run_info(self) -> dict:
-        return {"stage": self.name, "num_processes": self.accelerator.num_processes,
+        info = {"stage": self.name, "num_processes": self.accelerator.num_processes,
                 "num_threads": torch.get_num_threads()}
+        if self.data_digest is not None:
+            info["data_sha256_index"] = self.data_digest
+        return info
 
     def restore(self) -> None:
         if not self.resume:
@@ -223,6 +228,10 @@ class Stage:
                 f"warning: the run was saved with {progress.get('num_threads')} CPU threads and resumes with "
                 f"{torch.get_num_threads()}: results stay close but not bit-identical (set OMP_NUM_THREADS="
                 f"{progress.get('num_threads')}; `accelerate launch` sets 1 by default)")
+        if self.data_digest is not None and progress.get("data_sha256_index") not in (None, self.data_digest):
+            raise UserFacingError(f"--resume {self.run_dir}: {self.cfg['data']['path']} is not the data file the run "
+                                  "started on (its /index differs)")
+        self.last_saved = self.state.step
         self.on_restored(progress)
         self.accelerator.print(f"resumed from {latest} (step {self.state.step}, epoch {self.state.epoch}, "
                                f"batch {self.state.batch})")
