@@ -66,29 +66,36 @@ def confusion_figure(metrics: dict, title: str | None = None):
     return fig
 
 
+def class_bars_figure(names, values, colors, labels, mean, mean_name: str, title: str, xmax: float = 1.1):
+    """Horizontal bars, one per class (top to bottom), with a text label beside each and a dashed mean line.
+    values: floats or None (drawn as 0), colors: [len(names), 3], labels: the text beside each bar."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(names), 1) + 1.4))
+    y = np.arange(len(names))
+    ax.barh(y, [v or 0.0 for v in values], color=colors, edgecolor="0.3", linewidth=0.5)
+    for yi, v, text in zip(y, values, labels):
+        ax.text((v or 0.0) + 0.01, yi, text, va="center", fontsize=7)
+    if mean is not None:
+        ax.axvline(mean, color="k", ls="--", lw=1, label=f"{mean_name} {mean:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, xmax)
+    ax.set_xlabel(mean_name.removeprefix("m"))
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
 def iou_bars_figure(metrics: dict, class_colors_rgb=None, title: str | None = None):
     """Horizontal per-class IoU bars of a compute_metrics dict, in class colours, with the mIoU line;
     undefined classes (absent) are labelled n/a."""
-    plt = _plt()
     names = metrics["scored_classes"]
     colors = class_colors(metrics["classes"], class_colors_rgb)
     idx = [metrics["classes"].index(n) for n in names]
     iou = [metrics["per_class"][n]["IoU"] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.4))
-    y = np.arange(len(names))
-    ax.barh(y, [v or 0.0 for v in iou], color=colors[idx], edgecolor="0.3", linewidth=0.5)
-    for yi, v in zip(y, iou):
-        ax.text((v or 0.0) + 0.01, yi, "n/a" if v is None else f"{v:.2f}", va="center", fontsize=7)
-    if metrics["mIoU"] is not None:
-        ax.axvline(metrics["mIoU"], color="k", ls="--", lw=1, label=f"mIoU {metrics['mIoU']:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.1)
-    ax.set_xlabel("IoU")
-    ax.set_title(title or f"per-class IoU, protocol {metrics['protocol']}")
-    fig.tight_layout()
-    return fig
+    return class_bars_figure(names, iou, colors[idx], ["n/a" if v is None else f"{v:.2f}" for v in iou],
+                             metrics["mIoU"], "mIoU", title or f"per-class IoU, protocol {metrics['protocol']}")
 
 
 def patch_rgb(image, band_names: Sequence[str], date_index: int | None = None,

@@ -246,29 +246,16 @@ def panoptic_overlay_figure(patches, class_names, class_colors_rgb=None):
 
 def pq_bars_figure(metrics: dict, class_colors_rgb=None):
     """Per-class PQ bars (classes present in truth or prediction), with the mean PQ line."""
-    from sitskit.finetune.figures import _plt, class_colors
+    from sitskit.finetune.figures import class_bars_figure, class_colors
 
-    plt = _plt()
     names = [n for n, r in metrics["per_class"].items() if r["TP"] + r["FP"] + r["FN"] > 0]
     all_names = metrics["semantic"]["classes"]
     colors = class_colors(all_names, class_colors_rgb)
-    fig, ax = plt.subplots(figsize=(7, 0.32 * max(len(names), 1) + 1.4))
-    y = np.arange(len(names))
-    pq = [metrics["per_class"][n]["PQ"] or 0.0 for n in names]
-    ax.barh(y, pq, color=colors[[all_names.index(n) for n in names]], edgecolor="0.3", linewidth=0.5)
-    for yi, v, n in zip(y, pq, names):
-        r = metrics["per_class"][n]
-        ax.text(v + 0.01, yi, f"{v:.2f} (TP {r['TP']}, FP {r['FP']}, FN {r['FN']})", va="center", fontsize=7)
-    if metrics["PQ"] is not None:
-        ax.axvline(metrics["PQ"], color="k", ls="--", lw=1, label=f"PQ {metrics['PQ']:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
-    ax.set_yticks(y, names, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.3)
-    ax.set_xlabel("PQ")
-    ax.set_title("per-class panoptic quality")
-    fig.tight_layout()
-    return fig
+    rows = [metrics["per_class"][n] for n in names]
+    pq = [r["PQ"] or 0.0 for r in rows]
+    labels = [f"{v:.2f} (TP {r['TP']}, FP {r['FP']}, FN {r['FN']})" for v, r in zip(pq, rows)]
+    return class_bars_figure(names, pq, colors[[all_names.index(n) for n in names]], labels, metrics["PQ"], "PQ",
+                             "per-class panoptic quality", xmax=1.3)
 
 
 def write_panoptic_evaluation(out_dir: Path, metrics: dict, class_names, patches=None,

@@ -19,7 +19,7 @@ from torch import nn
 from sitskit.models.layers import check_inputs
 from sitskit.models.registry import register_model
 from sitskit.models.stenn import PASTIS_REFERENCE_DOY, calendar_doy
-from sitskit.models.utae import UTAE, ConvBlock, DownConvBlock, UpConvBlock
+from sitskit.models.utae import UTAE, ConvBlock, unet_blocks
 
 
 def _utae_variant(fixed: dict, doc: str):
@@ -73,18 +73,10 @@ class SingleDateUNet(nn.Module):
         super().__init__()
         if not 1 <= doy <= 366:
             raise ValueError(f"doy must be a day of year in 1..366, got {doy}")
-        if len(encoder_widths) != len(decoder_widths) or encoder_widths[-1] != decoder_widths[-1]:
-            raise ValueError("encoder_widths and decoder_widths must have the same length and last width")
         self.in_channels, self.doy, self.reference_doy = in_channels, doy, reference_doy
         ew, dw = list(encoder_widths), list(decoder_widths)
         self.n_stages = len(ew)
-        self.in_conv = ConvBlock([in_channels, ew[0], ew[0]], norm=encoder_norm, padding_mode=padding_mode)
-        self.down_blocks = nn.ModuleList(
-            DownConvBlock(ew[i], ew[i + 1], 4, 2, 1, encoder_norm, padding_mode) for i in range(self.n_stages - 1)
-        )
-        self.up_blocks = nn.ModuleList(
-            UpConvBlock(dw[i], dw[i - 1], ew[i - 1], 4, 2, 1, padding_mode) for i in range(self.n_stages - 1, 0, -1)
-        )
+        self.in_conv, self.down_blocks, self.up_blocks = unet_blocks(in_channels, ew, dw, encoder_norm, padding_mode)
         self.out_conv = ConvBlock([dw[0], out_conv_width, num_classes], norm="batch", last_relu=False,
                                   padding_mode=padding_mode)
 

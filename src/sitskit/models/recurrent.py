@@ -22,7 +22,7 @@ from torch import nn
 
 from sitskit.models.layers import check_inputs, gather_frames, scatter_frames
 from sitskit.models.registry import register_model
-from sitskit.models.utae import ConvBlock, DownConvBlock, UpConvBlock, aggregate_skip
+from sitskit.models.utae import ConvBlock, aggregate_skip, unet_blocks
 
 READOUTS = ("cell", "hidden")
 
@@ -147,18 +147,10 @@ class RecurrentUNet(nn.Module):
                  decoder_widths: tuple[int, ...] = (32, 32, 64, 128), out_conv_width: int = 32,
                  encoder_norm: str = "group", padding_mode: str = "reflect", name: str = "uconvlstm"):
         super().__init__()
-        if len(encoder_widths) != len(decoder_widths) or encoder_widths[-1] != decoder_widths[-1]:
-            raise ValueError("encoder_widths and decoder_widths must have the same length and last width")
         self.in_channels, self.bidirectional, self.name = in_channels, bidirectional, name
         ew, dw = list(encoder_widths), list(decoder_widths)
         self.n_stages = len(ew)
-        self.in_conv = ConvBlock([in_channels, ew[0], ew[0]], norm=encoder_norm, padding_mode=padding_mode)
-        self.down_blocks = nn.ModuleList(
-            DownConvBlock(ew[i], ew[i + 1], 4, 2, 1, encoder_norm, padding_mode) for i in range(self.n_stages - 1)
-        )
-        self.up_blocks = nn.ModuleList(
-            UpConvBlock(dw[i], dw[i - 1], ew[i - 1], 4, 2, 1, padding_mode) for i in range(self.n_stages - 1, 0, -1)
-        )
+        self.in_conv, self.down_blocks, self.up_blocks = unet_blocks(in_channels, ew, dw, encoder_norm, padding_mode)
         self.forward_lstm = ConvLSTMCell(ew[-1], hidden_dim)
         self.backward_lstm = ConvLSTMCell(ew[-1], hidden_dim) if bidirectional else None
         self.out_convlstm = nn.Conv2d(hidden_dim * (2 if bidirectional else 1), ew[-1], 3, padding=1)

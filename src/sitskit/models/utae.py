@@ -100,6 +100,19 @@ class UpConvBlock(nn.Module):
         return out + self.conv2(out)
 
 
+def unet_blocks(in_channels: int, encoder_widths, decoder_widths, encoder_norm: str = "group",
+                padding_mode: str = "reflect", k: int = 4, s: int = 2, p: int = 1):
+    """The U-Net of U-TAE and its ablations: (in_conv, down_blocks, up_blocks), each model assigning them to
+    attributes of those names (the state-dict keys of utae-paps). Checks that the widths pair up."""
+    ew, dw = list(encoder_widths), list(decoder_widths)
+    if len(ew) != len(dw) or ew[-1] != dw[-1]:
+        raise ValueError("encoder_widths and decoder_widths must have the same length and last width")
+    n = len(ew)
+    in_conv = ConvBlock([in_channels, ew[0], ew[0]], norm=encoder_norm, padding_mode=padding_mode)
+    down = nn.ModuleList(DownConvBlock(ew[i], ew[i + 1], k, s, p, encoder_norm, padding_mode) for i in range(n - 1))
+    up = nn.ModuleList(UpConvBlock(dw[i], dw[i - 1], ew[i - 1], k, s, p, padding_mode) for i in range(n - 1, 0, -1))
+    return in_conv, down, up
+
 def aggregate_skip(x: torch.Tensor, attn: torch.Tensor | None, pad_mask: torch.Tensor | None,
                    mode: str) -> torch.Tensor:
     """Collapse the time axis of a skip feature map with the L-TAE attention.
@@ -274,20 +287,11 @@ class UTAE(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if agg_mode not in AGG_MODES:
             raise ValueError(f"agg_mode must be one of {AGG_MODES}, got {agg_mode!r}")
-        if len(encoder_widths) != len(decoder_widths) or encoder_widths[-1] != decoder_widths[-1]:
-            raise ValueError("encoder_widths and decoder_widths must have the same length and last width")
         self.in_channels, self.mode, self.agg_mode, self.return_maps = in_channels, mode, agg_mode, return_maps
         self.n_stages = len(encoder_widths)
         ew, dw = list(encoder_widths), list(decoder_widths)
-        self.in_conv = ConvBlock([in_channels, ew[0], ew[0]], norm=encoder_norm, padding_mode=padding_mode)
-        self.down_blocks = nn.ModuleList(
-            DownConvBlock(ew[i], ew[i + 1], str_conv_k, str_conv_s, str_conv_p, encoder_norm, padding_mode)
-            for i in range(self.n_stages - 1)
-        )
-        self.up_blocks = nn.ModuleList(
-            UpConvBlock(dw[i], dw[i - 1], ew[i - 1], str_conv_k, str_conv_s, str_conv_p, padding_mode)
-            for i in range(self.n_stages - 1, 0, -1)
-        )
+        self.in_conv, self.down_blocks, self.up_blocks = unet_blocks(
+            in_channels, ew, dw, encoder_norm, padding_mode, str_conv_k, str_conv_s, str_conv_p)
         self.temporal_encoder = LTAE(ew[-1], n_head=n_head, d_k=d_k, d_model=d_model, mlp=(d_model, ew[-1]),
                                      dropout=ltae_dropout, mode=mode)
         self.out_conv = ConvBlock([dw[0], out_conv_width, num_classes], norm="batch",
