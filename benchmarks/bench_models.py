@@ -98,13 +98,21 @@ def run_case(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     model.train(spec["pass"] == "fwdbwd")
-    for _ in range(spec["warmup"]):
+    return time_step(step, spec["warmup"], spec["repeats"], device)
+
+
+def time_step(step, warmup: int, repeats: int, device) -> dict:
+    """Run `step` warmup times, then time `repeats` runs: {time_s (median), times, peak_mib, delta_mib (CPU:
+    peak RSS increase over the RSS after the warm-up)}. Called in a fresh subprocess per case."""
+    import torch
+
+    for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = rss_now_mib()
     times = []
-    for _ in range(spec["repeats"]):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

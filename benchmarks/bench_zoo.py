@@ -19,12 +19,10 @@ import datetime as dt
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 
-from bench_models import hardware, rss_now_mib
+from bench_models import hardware, time_step
 
 MODELS = ["utae", "utae_skip_mean", "utae_mean_attention", "utae_batchnorm", "utae_single_date", "stenn",
           "stenn grad_checkpointing", "fcn_lstm", "convlstm", "convgru", "uconvlstm", "ubiconvlstm", "unet3d",
@@ -63,23 +61,7 @@ def run_case(spec: dict) -> dict:
             torch.cuda.synchronize()
 
     model.train(spec["pass"] == "fwdbwd")
-    for _ in range(spec["warmup"]):
-        step()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = rss_now_mib()
-    times = []
-    for _ in range(spec["repeats"]):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    result = {"time_s": statistics.median(times), "params": n_params}
-    if device.type == "cuda":
-        result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        result["peak_mib"], result["delta_mib"] = peak, peak - rss_before
-    return result
+    return {**time_step(step, spec["warmup"], spec["repeats"], device), "params": n_params}
 
 
 def run_in_subprocess(spec: dict, timeout_s: float) -> tuple[dict | None, str]:
