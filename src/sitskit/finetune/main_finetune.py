@@ -15,7 +15,6 @@ the best model (`<run>/test/metrics.json` + figures, also in MLflow). Other comm
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from sitskit.finetune.config_finetune import SECTIONS
 from sitskit.finetune.report import METRIC_KEYS
 from sitskit.stage.base import Stage, index_digest
 from sitskit.stage.cli import run_main
+from sitskit.stage.state import atomic_write_dir
 
 COMMANDS = ("evaluate", "predict", "sweep")
 
@@ -316,8 +316,7 @@ class Finetuner(Stage):
         if acc.is_main_process:
             from sitskit.models import save_pretrained
 
-            target, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
-            shutil.rmtree(tmp, ignore_errors=True)
+            target = self.run_dir / "model"
             extra = {"stage": "finetune", "task": self.cfg["train"]["task"], "mlflow_run_id": self.state.mlflow_run_id or None,
                      "step": self.state.step, "epoch": self.state.epoch, "finetune_config": self.cfg,
                      "val_metric": self.cfg["eval"]["metric"],
@@ -328,14 +327,8 @@ class Finetuner(Stage):
                      "pretrained": None if self.pretrained is None else str(self.pretrained.resolve()),
                      **{k: self.info[k] for k in ("dataset", "class_names", "num_classes", "void_ids",
                                                   "background_ids")}}
-            try:
-                save_pretrained(acc.unwrap_model(self.model), tmp, extra=extra)
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            except OSError as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise UserFacingError(f"cannot write the model to {target}: {exc.strerror or exc}") from None
+            atomic_write_dir(target, lambda tmp: save_pretrained(acc.unwrap_model(self.model), tmp, extra=extra),
+                             f"the model to {target}")
             if self.tracking:
                 from sitskit import tracking
 

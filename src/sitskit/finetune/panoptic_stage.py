@@ -17,7 +17,7 @@ import torch
 
 from sitskit.errors import UserFacingError
 from sitskit.finetune.main_finetune import Finetuner, selection
-from sitskit.finetune.report import METRIC_KEYS, PatchSampler
+from sitskit.finetune.report import METRIC_KEYS, PatchSampler, save_evaluation
 
 PANOPTIC_KEYS = ("PQ", "SQ", "RQ")
 PANOPTIC_MODELS = ("utae_paps", "stcln_paps")
@@ -263,33 +263,14 @@ def write_panoptic_evaluation(out_dir: Path, metrics: dict, class_names, patches
     """metrics.json (atomic) + pq.png, panoptic.png (overlays) and the semantic confusion.png / iou.png in
     `out_dir`; with an active MLflow run, the files as artifacts under `mlflow_prefix/` and the headline
     metrics as `<prefix>/PQ` etc. (as report.write_evaluation)."""
-    import matplotlib.pyplot as plt
-
     from sitskit.finetune.figures import confusion_figure, iou_bars_figure
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target, tmp = out_dir / "metrics.json", out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1) + "\n")
-    os.replace(tmp, target)
     semantic = metrics["semantic"]
     figures = {"pq.png": pq_bars_figure(metrics, class_colors), "confusion.png": confusion_figure(semantic),
                "iou.png": iou_bars_figure(semantic, class_colors)}
     if patches:
         figures["panoptic.png"] = panoptic_overlay_figure(patches, class_names, class_colors)
-    for name, fig in figures.items():
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-    if mlflow_prefix is not None:
-        import mlflow
-
-        if mlflow.active_run() is not None:
-            from sitskit import tracking
-
-            mlflow.log_artifacts(str(out_dir), mlflow_prefix)
-            tracking.log_metrics({f"{mlflow_prefix}/{k}": metrics[k] for k in (*PANOPTIC_KEYS, *METRIC_KEYS)
-                                  if metrics.get(k) is not None}, step=step or 0)
-    return target
+    return save_evaluation(out_dir, metrics, figures, (*PANOPTIC_KEYS, *METRIC_KEYS), mlflow_prefix, step)
 
 
 def panoptic_table(metrics: dict, title: str) -> str:

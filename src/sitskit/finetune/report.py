@@ -42,18 +42,27 @@ def write_evaluation(out_dir: Path, metrics: dict, class_names: list[str], ignor
                      step: int | None = None, class_colors=None) -> Path:
     """metrics.json (atomic) + confusion.png, iou.png, patches.png in `out_dir`; when an MLflow run is active,
     the same files as artifacts under `mlflow_prefix/` and the headline metrics as `<prefix>/OA` etc."""
-    import matplotlib.pyplot as plt
-
     from sitskit.finetune.figures import confusion_figure, iou_bars_figure, patch_maps_figure
 
+    figures = {"confusion.png": confusion_figure(metrics), "iou.png": iou_bars_figure(metrics, class_colors)}
+    if patches:
+        figures["patches.png"] = patch_maps_figure(patches, class_names, class_colors, ignore=ignore)
+    return save_evaluation(out_dir, metrics, figures, METRIC_KEYS, mlflow_prefix, step)
+
+
+def save_evaluation(out_dir: Path, metrics: dict, figures: dict, headline, mlflow_prefix: str | None,
+                    step: int | None) -> Path:
+    """metrics.json (atomic) and the figures ({file name: matplotlib figure}, closed here) in `out_dir`; with
+    an active MLflow run, the folder as artifacts under `mlflow_prefix/` and metrics[k] for k in `headline`
+    as `<prefix>/<k>`. Returns the path of metrics.json."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "metrics.json"
     tmp = out_dir / ".metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1) + "\n")
     os.replace(tmp, target)
-    figures = {"confusion.png": confusion_figure(metrics), "iou.png": iou_bars_figure(metrics, class_colors)}
-    if patches:
-        figures["patches.png"] = patch_maps_figure(patches, class_names, class_colors, ignore=ignore)
     for name, fig in figures.items():
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -61,10 +70,10 @@ def write_evaluation(out_dir: Path, metrics: dict, class_names: list[str], ignor
         import mlflow
 
         if mlflow.active_run() is not None:
-            mlflow.log_artifacts(str(out_dir), mlflow_prefix)
             from sitskit import tracking
 
-            tracking.log_metrics({f"{mlflow_prefix}/{k}": metrics[k] for k in METRIC_KEYS
+            mlflow.log_artifacts(str(out_dir), mlflow_prefix)
+            tracking.log_metrics({f"{mlflow_prefix}/{k}": metrics[k] for k in headline
                                   if metrics.get(k) is not None}, step=step or 0)
     return target
 

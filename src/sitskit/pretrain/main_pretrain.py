@@ -8,8 +8,6 @@ finetune.py) and `config.yaml`. Every key below is also a YAML preset key; docs/
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from sitskit.errors import UserFacingError
 from sitskit.pretrain.config_pretrain import SECTIONS
 from sitskit.stage.base import Stage, index_digest
 from sitskit.stage.cli import run_main
+from sitskit.stage.state import atomic_write_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,21 +221,14 @@ class Pretrainer(Stage):
             from sitskit.models import save_pretrained
 
             encoder = acc.unwrap_model(self.model).encoder
-            target, tmp = self.run_dir / "encoder", self.run_dir / ".tmp_encoder"
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                save_pretrained(encoder, tmp, extra={
-                    "mlflow_run_id": self.state.mlflow_run_id or None, "stage": "pretrain", "step": self.state.step,
-                    "pretrain_config": self.cfg, "band_names": list(self.dataset.band_names),
-                    "data_sha256_index": self.data_digest,
-                    "norm_mean": [float(v) for v in getattr(self.dataset, "norm_mean", [])],
-                    "norm_std": [float(v) for v in getattr(self.dataset, "norm_std", [])]})
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            except OSError as exc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise UserFacingError(f"cannot write the encoder to {target}: {exc.strerror or exc}") from None
+            target = self.run_dir / "encoder"
+            extra = {"mlflow_run_id": self.state.mlflow_run_id or None, "stage": "pretrain", "step": self.state.step,
+                     "pretrain_config": self.cfg, "band_names": list(self.dataset.band_names),
+                     "data_sha256_index": self.data_digest,
+                     "norm_mean": [float(v) for v in getattr(self.dataset, "norm_mean", [])],
+                     "norm_std": [float(v) for v in getattr(self.dataset, "norm_std", [])]}
+            atomic_write_dir(target, lambda tmp: save_pretrained(encoder, tmp, extra=extra),
+                             f"the encoder to {target}")
         acc.wait_for_everyone()
 
     def log_final_artifacts(self) -> None:

@@ -118,18 +118,25 @@ def check_state_folder(folder: Path) -> None:
 def atomic_save(states_dir: Path, step: int, write) -> Path:
     """Run `write(tmp_folder)`, then rename it to step_XXXXXXXX. On failure nothing is left behind and a full
     disk or an unwritable location becomes one UserFacingError."""
-    final, tmp = states_dir / f"step_{step:08d}", states_dir / f".tmp_step_{step:08d}"
+    return atomic_write_dir(states_dir / f"step_{step:08d}", write, f"the state to {states_dir}")
+
+
+def atomic_write_dir(target: Path, write, what: str) -> Path:
+    """Run `write(tmp_folder)` on a hidden sibling of `target`, then replace `target` by it (one rename). On
+    failure nothing is left behind and the OSError (full disk, unwritable folder) becomes one
+    UserFacingError "cannot write {what}: …"."""
+    tmp = target.parent / f".tmp_{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        states_dir.mkdir(parents=True, exist_ok=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserFacingError(f"cannot write the state to {states_dir}: {exc.strerror or exc}") from None
-    return final
+        raise UserFacingError(f"cannot write {what}: {exc.strerror or exc}") from None
+    return target
 
 
 def _split_tensors(sd: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
