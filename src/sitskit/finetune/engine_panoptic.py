@@ -1,9 +1,9 @@
 """One panoptic (PaPs) fine-tuning epoch and the panoptic evaluation of a selection of patches.
 
-The epoch is `stage.engine.supervised_epoch`, as for `engine_finetune`, with this loss: the dropout stream
-of micro-batch `micro` comes from a seed derived from (seed, micro, rank), so a resumed run repeats an
-uninterrupted one. The loss is `PaPsLoss` on the centres
-matched one per zone (docs/panoptic.md); the stage switches it to heatmap-only for the first epochs.
+The epoch is `stage.engine.supervised_epoch`, as for `engine_finetune`: the dropout stream of micro-batch
+`micro` comes from a seed derived from (seed, micro, rank), so a resumed run repeats an uninterrupted one.
+The loss is `PaPsLoss` on the centres matched one per zone (docs/panoptic.md); the stage switches it to
+heatmap-only for the first epochs.
 
 The evaluation scores every patch once with the panoptic map of the *detected* centres. With `tune=True`
 (validation) it also collects, over the whole selection, the confidence and mask IoU of every zone-matched

@@ -113,6 +113,7 @@ def unet_blocks(in_channels: int, encoder_widths, decoder_widths, encoder_norm: 
     up = nn.ModuleList(UpConvBlock(dw[i], dw[i - 1], ew[i - 1], k, s, p, padding_mode) for i in range(n - 1, 0, -1))
     return in_conv, down, up
 
+
 def aggregate_skip(x: torch.Tensor, attn: torch.Tensor | None, pad_mask: torch.Tensor | None,
                    mode: str) -> torch.Tensor:
     """Collapse the time axis of a skip feature map with the L-TAE attention.
