@@ -58,7 +58,8 @@ def test_every_patch_and_field_equals_the_source(source, converted):
                 got = g[sat]["data"][()]
                 np.testing.assert_array_equal(got, src)
                 assert got.dtype == (np.int16 if sat == "S2" else src.dtype)
-                assert g[sat]["data"].chunks == (1, *src.shape[1:])  # one date per chunk
+                # one date, all bands, 64 rows
+                assert g[sat]["data"].chunks == (1, src.shape[1], min(src.shape[2], 64), src.shape[3])
                 dates = _dates(props, sat)
                 assert [d.decode() for d in g[sat]["date"][()]] == [d.isoformat() for d in dates]
                 assert g[sat]["day"][()].tolist() == [(d - dt.date(2018, 9, 1)).days for d in dates]
@@ -211,3 +212,46 @@ def test_compression_level_is_checked_and_applied(source, tmp_path, capsys):
         expected = hdf5plugin.Blosc(cname="zstd", clevel=7, shuffle=hdf5plugin.Blosc.SHUFFLE)
         # the last three Blosc options are clevel, shuffle, codec (the first four are set by the filter)
         assert tuple(filters[str(hdf5plugin.BLOSC_ID)][4:]) == tuple(expected["compression_opts"][4:])
+
+
+def test_large_patches_are_chunked_in_64_row_bands_and_read_back_exactly(tmp_path, capsys):
+    """96 x 96 patches: 2 bands of rows per date (the second covers 32 rows), written through the
+    pre-compressed path in workers and in-process alike; whole series, crops across the band edge and a date
+    subset read back the source values; a date with two corrupt chunks is reported once."""
+    from sitskit.data import build_dataset
+    from sitskit.data_prep.verify import verify_file
+    root = simulate_pastis(tmp_path / "PASTIS", n_patches=2, size=96, seed=4)
+    h5 = convert_pastis(root, tmp_path / "p.h5")
+    assert h5_differences(h5, convert_pastis(root, tmp_path / "w.h5", workers=2),
+                          ignore_attrs=("created_utc", "conversion_settings")) == []
+    key = min(_metadata(root))
+    src = np.load(root / "DATA_S2" / f"S2_{key}.npy")
+    with h5py.File(h5) as f:
+        d = f[f"patches/{key}/S2/data"]
+        assert d.chunks == (1, 10, 64, 96) and d.id.get_num_chunks() == 2 * src.shape[0]
+        np.testing.assert_array_equal(d[()], src)
+    full = build_dataset(h5, norm=None)
+    np.testing.assert_array_equal(full[0]["image"].numpy(), src.astype(np.float32))
+    crops = build_dataset(h5, norm=None, crop=48, crop_mode="grid")  # rows 48-95 straddle the band edge
+    first = [crops[i]["image"].numpy() for i in range(4)]
+    for (r, c), got in zip([(0, 0), (0, 48), (48, 0), (48, 48)], first):
+        np.testing.assert_array_equal(got, src[:, :, r:r + 48, c:c + 48].astype(np.float32))
+    for subset in ({"max_doy": 150}, {"num_dates": 5}):  # a contiguous run of dates; a random draw
+        sample = build_dataset(h5, norm=None, crop=40, crop_mode="grid", **subset)[4]  # corner (40, 40)
+        with h5py.File(h5) as f:
+            keep = np.isin(f[f"patches/{key}/S2/day"][()], sample["dates"].numpy())
+        assert 0 < keep.sum() < len(src)
+        np.testing.assert_array_equal(sample["image"].numpy(), src[keep, :, 40:80, 40:80].astype(np.float32))
+
+    with h5py.File(h5) as f:  # date 3: both its bands
+        infos = [f[f"patches/{key}/S2/data"].id.get_chunk_info(2 * 3 + i) for i in (0, 1)]
+    with open(h5, "r+b") as fh:
+        for info in infos:
+            fh.seek(info.byte_offset + info.size // 2)
+            byte = fh.read(1)[0]
+            fh.seek(-1, 1)
+            fh.write(bytes([byte ^ 0x5A]))
+    assert [info.chunk_offset for info in infos] == [(3, 0, 0, 0), (3, 0, 64, 0)]
+    assert not verify_file(h5).ok
+    assert cli_main(["verify", str(h5)]) == 1
+    assert f"patch {key}: S2/data date 3: checksum mismatch\n" in capsys.readouterr().out  # once
