@@ -94,7 +94,7 @@ def _describe(failures: list[tuple[str, int | None, str]]) -> list[str]:
     grouped: dict[tuple[str, str], list[int]] = defaultdict(list)
     for name, date, why in failures:
         grouped[(name, why)] += [] if date is None else [date]
-    grouped = {k: sorted(set(dates)) for k, dates in grouped.items()}  # a date has several spatial tiles
+    grouped = {k: sorted(set(dates)) for k, dates in grouped.items()}  # a date is several chunks (64-row bands)
     return [f"{name}{' date' + ('s' if len(dates) > 1 else '') + ' ' + ', '.join(map(str, dates)) if dates else ''}"
             f": {why}" for (name, why), dates in grouped.items()]
 
