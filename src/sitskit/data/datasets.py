@@ -192,11 +192,12 @@ class SITSDataset(Dataset):
             raw = data[int(keep[0]): int(keep[-1]) + 1, :, ys, xs]
         else:
             raw = data[keep, :, ys, xs]
-        image = raw.astype(np.float32)
         if self.noise_sigma > 0 and rng.random() < self.noise_prob:
-            image = transforms.add_noise(image, self.noise_sigma, self.reflectance_scale, rng)
-        # (raw - mean) / std, in place: no float32 temporaries of the whole series
-        np.subtract(image, self.norm_mean[None, :, None, None], out=image)
+            raw = transforms.add_noise(raw.astype(np.float32), self.noise_sigma, self.reflectance_scale, rng)
+        # (raw - mean) / std in float32: the subtraction converts the integers as it reads them (one pass
+        # less than astype first, same values), then the division runs in place
+        image = np.empty(raw.shape, np.float32)
+        np.subtract(raw, self.norm_mean[None, :, None, None], out=image)
         np.divide(image, self.norm_std[None, :, None, None], out=image)
         maps = self._targets(group, ys, xs) if self.task != "pretrain" else {}
         if self.augment:
