@@ -31,8 +31,12 @@ class TemporallySharedBlock(nn.Module):
         if self.pad_value is not None:
             pad_mask = (out == self.pad_value).all(dim=-1).all(dim=-1).all(dim=-1)
             if pad_mask.any():
-                temp = torch.ones(self.out_shape, device=input.device, requires_grad=False) * self.pad_value
-                temp[~pad_mask] = self.forward(out[~pad_mask])
+                valid = self.forward(out[~pad_mask])
+                # upstream builds `temp` in float32, so under bf16 autocast the assignment fails (dtype
+                # mismatch); here it takes the output's dtype: the same values in fp32, and a bf16 run at all
+                temp = torch.ones(self.out_shape, device=input.device, dtype=valid.dtype, requires_grad=False) \
+                    * self.pad_value
+                temp[~pad_mask] = valid
                 out = temp
             else:
                 out = self.forward(out)

@@ -429,7 +429,7 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
     """The hand-written backward passes (attention with dropout, fused FFN) against plain autograd, same RNG."""
     import math
 
-    from sitskit.models.encoder_layer import _AttentionFunction, _FeedForwardFunction
+    from sitskit.models.encoder_layer import _AttentionFunction, _FeedForwardFunction, drop_mask
 
     p, t = 0.3, 5
     f64 = {"dtype": torch.float64, "requires_grad": True}
@@ -442,9 +442,9 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
     ours = (out, *torch.autograd.grad((out * g).sum(), (q, k, v)))
     torch.manual_seed(5)
     attn = ((q @ k.transpose(-2, -1)) / math.sqrt(8) + bias).softmax(-1)
-    keep = torch.empty_like(attn, dtype=torch.bool).bernoulli_(1 - p)
-    assert 0 < keep.float().mean() < 1
-    ref_out = (attn * keep / (1 - p)) @ v
+    dropped, scale = drop_mask(attn, p)  # the function's draw
+    assert 0 < dropped.float().mean() < 1
+    ref_out = (attn.masked_fill(dropped, 0.0) * scale) @ v
     ref = (ref_out, *torch.autograd.grad((ref_out * g).sum(), (q, k, v)))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
@@ -457,12 +457,42 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
     ours = (out, *torch.autograd.grad((out * g).sum(), ins))
     torch.manual_seed(7)
     hidden = torch.relu(ins[0].reshape(-1, 8) @ ins[1].t() + ins[2])
-    dropped = torch.empty_like(hidden, dtype=torch.bool).bernoulli_(p)  # the function's draw: True = dropped
+    dropped, scale = drop_mask(hidden, p)  # the function's draw: True = dropped
     assert 0 < dropped.float().mean() < 1
-    ref_out = (hidden.masked_fill(dropped, 0.0) / (1 - p) @ ins[3].t() + ins[4]).view(3, t, 8)
+    ref_out = (hidden.masked_fill(dropped, 0.0) * scale @ ins[3].t() + ins[4]).view(3, t, 8)
     ref = (ref_out, *torch.autograd.grad((ref_out * g).sum(), ins))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 1 / 3])
+def test_drop_mask_drops_units_independently_with_probability_p_and_an_unbiased_scale(p):
+    """The CPU draw (16 bits of a 64-bit draw per unit): drop rate p to 1/65536, each of the four units
+    sharing a 64-bit draw at that rate and uncorrelated, scale 1/(1-p'), and the same draws for the same seed."""
+    from sitskit.models.encoder_layer import drop_mask, dropout_bool_mask
+
+    like = torch.empty(1_000_003)  # not a multiple of 4: the last 64-bit draw is cut
+    torch.manual_seed(0)
+    dropped, scale = drop_mask(like, p)
+    k = round(p * 65536)
+    assert dropped.shape == like.shape and dropped.dtype == torch.bool
+    assert scale == pytest.approx(1 / (1 - k / 65536), rel=1e-12) and abs(k / 65536 - p) <= 2 ** -17
+    sigma = (p * (1 - p) / like.numel()) ** 0.5
+    assert abs(dropped.double().mean().item() - p) < 5 * sigma
+    lanes = dropped[:1_000_000].view(-1, 4).double()
+    for i in range(4):
+        assert abs(lanes[:, i].mean().item() - p) < 5 * sigma * 2
+    corr = torch.corrcoef(lanes.t())
+    assert (corr - torch.eye(4, dtype=torch.float64)).abs().max() < 0.01
+    torch.manual_seed(0)
+    assert torch.equal(drop_mask(like, p)[0], dropped)
+    x = torch.ones(200_000, requires_grad=True)  # inverted dropout: unbiased, gradient = scale where kept
+    y = dropout_bool_mask(x, p, True)
+    assert abs(y.mean().item() - 1) < 0.02
+    assert torch.equal(y.detach().unique(), torch.tensor([0.0, scale], dtype=torch.float32))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    assert drop_mask(like, 1.0)[0].all() and drop_mask(like, 1.0)[1] == 0.0
 
 
 def test_padded_batch_with_dropout_trains_and_matches_unpadded_samples_in_eval():

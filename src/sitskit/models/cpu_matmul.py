@@ -100,9 +100,12 @@ class _LinearFunction(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [..., K]; fp32 CPU products through oneDNN when enabled."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if not _use_onednn(rows, x, weight):
-        return F.linear(x, weight, bias)
     x2 = x.reshape(rows, x.shape[-1])
+    if not _use_onednn(rows, x, weight):
+        # always on [rows, K]: for a non-contiguous x of 3+ dims (per-pixel views of image features), under
+        # CPU autocast F.linear ran a batched product with the weight copied once per leading index
+        # ([136, 256, 768] per call), which made the bf16 STCLN classifier slower than the reference's
+        return F.linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         y = _LinearFunction.apply(x2, weight, bias)
     else:
