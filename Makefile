@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_models.py
 	$(PY) benchmarks/bench_pretrain.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_matmul.py
 
 # Wheels that benchmarks/gpu_suite.sh installs on a GPU machine without package access (its image has torch)
 gpu-wheels:
