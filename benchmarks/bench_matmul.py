@@ -11,7 +11,6 @@ of pixel-dates (tokens) in one product: 30,720 = one 32² crop × 30 dates.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import sitskit  # noqa: F401  (huge pages, as every sitskit process)
+from sitskit.tracking import cpu_model
 
 # (name, K, N): y[M, N] = x[M, K] @ W[N, K]^T
 SHAPES = (
@@ -39,24 +39,13 @@ def _time(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=30_720)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"{_cpu_name()}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+    print(f"{cpu_model()}, torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads, M = {args.rows} rows, median of {args.repeats}\n")
     print("| product | shape | MKL (F.linear) GFLOP/s | oneDNN GFLOP/s | oneDNN / MKL | max rel Δ |")
     print("|---|---|---:|---:|---:|---:|")
