@@ -463,5 +463,5 @@ def test_sigterm_stops_a_sweep_and_its_running_cells(pastis_h5, workdir):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     assert "SIGTERM" in err
-    left = subprocess.run(["pgrep", "-f", str(out_dir)], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", str(out_dir)], capture_output=True, text=True, check=False).stdout.split()
     assert left == []  # no cell keeps running

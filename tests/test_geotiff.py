@@ -17,11 +17,11 @@ gpd = pytest.importorskip("geopandas")
 # rasterio with affine >= 3 warns about `*` on its own transforms
 pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 from affine import Affine
+from h5compare import h5_differences
 from shapely.geometry import Point, Polygon, box
 
 from sitskit.data.datasets import build_dataset
 from sitskit.data_prep.cli import main as data_prep
-from h5compare import h5_differences
 from sitskit.errors import UserFacingError
 from sitskit.geo import labels as L
 from sitskit.geo import patches as P

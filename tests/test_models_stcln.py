@@ -465,6 +465,31 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "key-padding-mask"])
+def test_encoder_layer_bf16_training_step_matches_fp32_with_the_same_dropout_masks(masked):
+    """Under CPU bf16 autocast, training with dropout takes the same attention function (on fp32 copies of
+    q, k, v) and the same draws as fp32: one seed gives the same masks, so the two agree to bf16 rounding."""
+    _, ours = _torch_layer_and_ours(0.2)
+    ours.train()
+    x = torch.randn(64, 7, 32)
+    kpm = torch.zeros(64, 7, dtype=torch.bool)
+    if masked:
+        kpm[::3, 5:] = True
+    g = torch.randn(64, 7, 32).masked_fill(kpm[..., None], 0.0)
+    results = []
+    for bf16 in (False, True):
+        torch.manual_seed(11)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = ours(xi, kpm if masked else None)
+        grads = torch.autograd.grad((out.float() * g).sum(), (xi, ours.self_attn.in_proj_weight))
+        results.append((out.float().masked_fill(kpm[..., None], 0.0), *grads))
+    (out32, gx32, gw32), (out16, gx16, gw16) = results
+    torch.testing.assert_close(out16, out32, atol=0.08, rtol=0.02)  # bf16 has 8 mantissa bits
+    for a, b in ((gx16, gx32), (gw16, gw32)):
+        assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.99
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3, 1 / 3])
 def test_drop_mask_drops_units_independently_with_probability_p_and_an_unbiased_scale(p):
     """The CPU draw (16 bits of a 64-bit draw per unit): drop rate p to 1/65536, each of the four units

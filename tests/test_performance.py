@@ -192,3 +192,39 @@ def test_resize_by_matrix_products_equals_interpolate_with_gradients(src, dst):
                                atol=1e-12)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # attention weights stay in their dtype, as with F.interpolate
         assert resize(x.detach().float(), dst).dtype == torch.float32
+
+
+def test_scatter_frames_keeps_channels_last_frames_channels_last_with_the_same_values():
+    from sitskit.models.layers import scatter_frames
+
+    frames = torch.randn(5, 6, 4, 3)
+    pad = torch.tensor([[False, False, True], [False, False, False]])
+    plain = scatter_frames(frames, pad, (2, 3))
+    fast = scatter_frames(frames.contiguous(memory_format=torch.channels_last), pad, (2, 3))
+    assert torch.equal(plain, fast) and plain.is_contiguous()
+    assert fast.stride(2) == 1 and fast.stride(4) == 6  # memory [B, T, H, W, C]
+    assert fast[pad].abs().sum() == 0
+
+
+def test_stcln_cnn_runs_channels_last_with_the_same_features_and_gradients():
+    from sitskit.models import stcln
+    from sitskit.models.layers import apply_to_valid_frames
+
+    torch.manual_seed(0)
+    enc = build("stcln_encoder", widths=(8, 16), n_head=2, d_ffn=32, n_layers=1, pe_dim=8, norm_groups=4)
+    x = torch.randn(2, 4, 10, 8, 8)
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])
+    x[pad] = 0
+    fast = enc.embed_frames(x, pad)
+    assert fast.stride(2) == 1  # D innermost: per-pixel tokens are gathered from contiguous runs
+    plain = apply_to_valid_frames(lambda f: enc.down1(enc.inc(f)), x, pad)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    grads = []
+    for run in (lambda: enc.embed_frames(x, pad), lambda: stcln.apply_to_valid_frames(
+            lambda f: enc.down1(enc.inc(f)), x, pad)):
+        enc.zero_grad()
+        run().square().mean().backward()
+        grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -100,7 +100,7 @@ def series_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
     bands, so that a 32 x 32 training crop of a 128 x 128 PASTIS patch decodes one or two of its two bands
     instead of the whole date: crop reads 1.2x faster for +1.3 % storage, full-patch reads unchanged
     (64 x 64 tiles: crops 1.75x faster, but full patches 13 % slower and +2.4 % storage; docs/hdf5_format.md)."""
-    t, c, h, w = shape
+    _, c, h, w = shape
     return (1, c, min(h, CHUNK_ROWS), w)
 
 

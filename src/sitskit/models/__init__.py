@@ -4,9 +4,19 @@
     model = build("stcln", in_channels=10, num_classes=20)
     logits = model(x, dates, pad_mask)          # x [B,T,C,H,W] -> [B,K,H,W]
 """
-from sitskit.models import ltae, stcln, utae  # noqa: F401  (importing registers the models)
-from sitskit.models import ablations, fcn_lstm, fpn, recurrent, stenn, unet3d  # noqa: F401,E402  (model zoo)
-from sitskit.models import paps  # noqa: F401  (registers utae_paps, stcln_paps)
+# importing a model's module registers it (STCLN, U-TAE/L-TAE, PaPs and the model zoo)
+from sitskit.models import (  # noqa: F401
+    ablations,
+    fcn_lstm,
+    fpn,
+    ltae,
+    paps,
+    recurrent,
+    stcln,
+    stenn,
+    unet3d,
+    utae,
+)
 from sitskit.models.registry import (
     build,
     from_pretrained,

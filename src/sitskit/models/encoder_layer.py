@@ -15,6 +15,7 @@ FFN 1024, T dates):
   with dropout, where every SDPA backend falls back to its math path (which keeps the scaled q and k, the
   softmax, a float dropout noise and the dropped probabilities): there `_AttentionFunction` keeps q, k, v
   (views of the one projection output), the softmax and a boolean dropout mask, and recomputes the rest;
+  under bf16 autocast it runs on fp32 copies of q, k, v, as the math path upcasts too;
 - the FFN is one autograd function that keeps only its input and the dropped ReLU output `d`:
   relu and dropout backward are `grad * (d > 0) / (1 - p)`, exact because d > 0 exactly where the unit
   was active and kept (instead of the ReLU output, a float dropout noise and `d`: 3 x 1024 floats);
@@ -178,12 +179,8 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         qkv = linear(x, attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # [N, h, T, dh] views
         p = attn.dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu" and torch.is_grad_enabled() and _autocast_dtype("cpu") is None:
-            bias = None
-            if key_padding_mask is not None:
-                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-                bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
-            out = _AttentionFunction.apply(q, k, v, bias, p)
+        if p > 0.0 and x.device.type == "cpu" and torch.is_grad_enabled():
+            out = self._cpu_training_attention(q, k, v, key_padding_mask, p)
         else:
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -191,6 +188,22 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         if query_mask is not None:
             return linear(out[query_mask].reshape(-1, d), attn.out_proj.weight, attn.out_proj.bias)  # [M, D]
         return linear(out.reshape(n, t, d), attn.out_proj.weight, attn.out_proj.bias)
+
+    @staticmethod
+    def _cpu_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                key_padding_mask: torch.Tensor | None, p: float) -> torch.Tensor:
+        """`_AttentionFunction` in fp32. Under bf16 autocast q, k, v are upcast first and the output cast
+        back, what SDPA's math path (the only CPU backend with dropout) does too, but without its float
+        dropout noise and `bernoulli_` draws."""
+        dtype = q.dtype
+        with torch.autocast("cpu", enabled=False):
+            if dtype in (torch.bfloat16, torch.float16):
+                q, k, v = q.float(), k.float(), v.float()
+            bias = None
+            if key_padding_mask is not None:
+                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+                bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
+            return _AttentionFunction.apply(q, k, v, bias, p).to(dtype)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias

@@ -79,10 +79,18 @@ def gather_frames(x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tenso
 
 def scatter_frames(frames: torch.Tensor, pad_mask: torch.Tensor | None, batch_shape: tuple[int, int],
                    fill_value: float = 0.0) -> torch.Tensor:
-    """Inverse of `gather_frames`: [n_valid, ...] -> [B, T, ...], padded frames = fill_value."""
+    """Inverse of `gather_frames`: [n_valid, ...] -> [B, T, ...], padded frames = fill_value.
+
+    Channels-last frames [n, C, H, W] stay channels-last per frame (the result's memory is [B, T, H, W, C]):
+    scattering them into a [B, T, C, H, W]-ordered tensor would be a slow transposing copy, and the
+    per-pixel layouts that follow (e.g. STCLN's tokens [B, H*W, T, C]) read C-contiguous runs."""
     if pad_mask is None or not bool(pad_mask.any()):
         return frames.unflatten(0, tuple(batch_shape))
-    out = frames.new_full((*batch_shape, *frames.shape[1:]), fill_value)
+    if frames.dim() == 4 and frames.is_contiguous(memory_format=torch.channels_last) and not frames.is_contiguous():
+        _, c, h, w = frames.shape
+        out = frames.new_full((*batch_shape, h, w, c), fill_value).permute(0, 1, 4, 2, 3)
+    else:
+        out = frames.new_full((*batch_shape, *frames.shape[1:]), fill_value)
     return out.index_put_((~pad_mask,), frames)
 
 

@@ -189,8 +189,14 @@ class STCLNEncoder(nn.Module):
         return self.temporal_encoder(tokens, self.encode_positions(dates), pad_mask, keep), cnn_feats
 
     def embed_frames(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        """Per-date CNN on the valid frames only. [B,T,C,H,W] -> [B,T,D,H,W]."""
-        return apply_to_valid_frames(lambda frames: self.down1(self.inc(frames)), x, pad_mask)
+        """Per-date CNN on the valid frames only. [B,T,C,H,W] -> [B,T,D,H,W] (memory [B,T,H,W,D]).
+
+        The CNN runs channels-last: oneDNN's convolutions are faster so (fp32 and bf16), and the per-pixel
+        tokens [B, H*W, T, D] are then gathered from D-contiguous runs instead of a full transpose
+        (docs/models.md, "Performance")."""
+        def cnn(frames: torch.Tensor) -> torch.Tensor:
+            return self.down1(self.inc(frames.contiguous(memory_format=torch.channels_last)))
+        return apply_to_valid_frames(cnn, x, pad_mask)
 
     def encode_positions(self, dates: torch.Tensor) -> torch.Tensor:
         """[B,T] day offsets -> [B,T] positions fed to the sinusoidal encoding."""

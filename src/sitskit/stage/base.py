@@ -52,7 +52,7 @@ class Stage:
         from accelerate.utils import broadcast_object_list, set_seed
 
         cfg = self.cfg
-        self.accelerator = acc = self.make_accelerator()
+        self.accelerator = self.make_accelerator()
         if cfg["run"]["deterministic"]:
             torch.use_deterministic_algorithms(True)
         set_seed(cfg["run"]["seed"])  # identical model init on every rank
