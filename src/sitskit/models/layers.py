@@ -77,6 +77,11 @@ def gather_frames(x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tenso
     return x[~pad_mask]
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (and not also NCHW-contiguous, as when C or H*W is 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def scatter_frames(frames: torch.Tensor, pad_mask: torch.Tensor | None, batch_shape: tuple[int, int],
                    fill_value: float = 0.0) -> torch.Tensor:
     """Inverse of `gather_frames`: [n_valid, ...] -> [B, T, ...], padded frames = fill_value.
@@ -86,7 +91,7 @@ def scatter_frames(frames: torch.Tensor, pad_mask: torch.Tensor | None, batch_sh
     per-pixel layouts that follow (e.g. STCLN's tokens [B, H*W, T, C]) read C-contiguous runs."""
     if pad_mask is None or not bool(pad_mask.any()):
         return frames.unflatten(0, tuple(batch_shape))
-    if frames.dim() == 4 and frames.is_contiguous(memory_format=torch.channels_last) and not frames.is_contiguous():
+    if is_channels_last(frames):
         _, c, h, w = frames.shape
         out = frames.new_full((*batch_shape, h, w, c), fill_value).permute(0, 1, 4, 2, 3)
     else:

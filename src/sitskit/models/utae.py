@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sitskit.models.layers import check_inputs, gather_frames, scatter_frames
+from sitskit.models.layers import check_inputs, gather_frames, is_channels_last, scatter_frames
 from sitskit.models.ltae import LTAE, MODES
 from sitskit.models.registry import register_model
 
@@ -149,10 +149,6 @@ def aggregate_skip_frames(frames: torch.Tensor, attn: torch.Tensor | None, pad_m
     return _SegmentWeightedSum.apply(frames, valid.transpose(0, 1), counts)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-
-
 def _frame_rows(t: torch.Tensor, nhwc: bool, groups: int) -> torch.Tensor:
     """[N, C, H, W] -> per frame, the layout `_SegmentWeightedSum` works in (views for dense inputs):
     NHWC [N, H*W, C]; NCHW [N, groups, C/groups, H*W]."""
@@ -177,7 +173,7 @@ class _SegmentWeightedSum(torch.autograd.Function):
         broadcastable shape, group_sum(t, out): a frame's [.., C] product summed within channel groups)."""
         _, c, h, wd = x.shape
         g = w.shape[1]
-        nhwc = _channels_last(x)
+        nhwc = is_channels_last(x)
         ws = _frame_rows(w, nhwc, g)
         if nhwc:
             expand = torch.repeat_interleave(torch.eye(g, dtype=x.dtype, device=x.device), c // g, dim=1)
