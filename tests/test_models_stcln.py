@@ -431,21 +431,23 @@ def test_encoder_layer_dropout_functions_match_autograd_with_the_same_masks():
 
     from sitskit.models.encoder_layer import _AttentionFunction, _FeedForwardFunction, drop_mask
 
-    p, t = 0.3, 5
+    p, t, heads, dh = 0.3, 5, 2, 8
     f64 = {"dtype": torch.float64, "requires_grad": True}
-    q, k, v = (torch.randn(4, 2, t, 8, **f64) for _ in range(3))
+    qkv = torch.randn(4, t, 3 * heads * dh, **f64)  # in_proj's layout: q | k | v, heads inside each
     bias = torch.zeros(4, 1, 1, t, dtype=torch.float64)
     bias[::2, ..., 3:] = float("-inf")
     torch.manual_seed(5)
-    out = _AttentionFunction.apply(q, k, v, bias, p)
+    out = _AttentionFunction.apply(qkv, heads, bias, p)
+    assert out.shape == (4, t, heads * dh)
     g = torch.randn_like(out)
-    ours = (out, *torch.autograd.grad((out * g).sum(), (q, k, v)))
+    ours = (out, *torch.autograd.grad((out * g).sum(), qkv))
     torch.manual_seed(5)
-    attn = ((q @ k.transpose(-2, -1)) / math.sqrt(8) + bias).softmax(-1)
+    q, k, v = qkv.view(4, t, 3, heads, dh).permute(2, 0, 3, 1, 4)  # [N, h, T, dh] each
+    attn = ((q @ k.transpose(-2, -1)) / math.sqrt(dh) + bias).softmax(-1)
     dropped, scale = drop_mask(attn, p)  # the function's draw
     assert 0 < dropped.float().mean() < 1
-    ref_out = (attn.masked_fill(dropped, 0.0) * scale) @ v
-    ref = (ref_out, *torch.autograd.grad((ref_out * g).sum(), (q, k, v)))
+    ref_out = ((attn.masked_fill(dropped, 0.0) * scale) @ v).transpose(1, 2).reshape(4, t, heads * dh)
+    ref = (ref_out, *torch.autograd.grad((ref_out * g).sum(), qkv))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
 

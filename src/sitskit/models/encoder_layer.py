@@ -13,9 +13,10 @@ FFN 1024, T dates):
 - attention through `F.scaled_dot_product_attention` with a boolean key mask broadcast over heads and
   queries ([N, 1, 1, T], no float mask materialised, no batch-first transposes), except in CPU training
   with dropout, where every SDPA backend falls back to its math path (which keeps the scaled q and k, the
-  softmax, a float dropout noise and the dropped probabilities): there `_AttentionFunction` keeps q, k, v
-  (views of the one projection output), the softmax and a boolean dropout mask, and recomputes the rest;
-  under bf16 autocast it runs on fp32 copies of q, k, v, as the math path upcasts too;
+  softmax, a float dropout noise and the dropped probabilities): there `_AttentionFunction` keeps one
+  contiguous head-major copy of q, k, v (made from the projection output in one pass), the softmax and a
+  boolean dropout mask, and recomputes the rest; under bf16 autocast that copy is fp32, as the math path
+  upcasts too;
 - the FFN is one autograd function that keeps only its input and the dropped ReLU output `d`:
   relu and dropout backward are `grad * (d > 0) / (1 - p)`, exact because d > 0 exactly where the unit
   was active and kept (instead of the ReLU output, a float dropout noise and `d`: 3 x 1024 floats);
@@ -112,14 +113,28 @@ class _FeedForwardFunction(torch.autograd.Function):
 
 
 class _AttentionFunction(torch.autograd.Function):
-    """softmax(q kᵀ · scale + bias) with dropout, times v; keeps q, k, v, the softmax and a bool mask.
+    """Multi-head softmax(q kᵀ · scale + bias) with dropout, times v, from the packed projection output.
 
-    q, k, v: [N, h, T, dh] (any strides); bias: [N, 1, 1, T] float (0 or -inf) or None.
+    qkv: [N, T, 3 * D] (q | k | v, heads inside each, as `in_proj` makes it); bias: [N, 1, 1, T] float
+    (0 or -inf) or None -> [N, T, D] (heads concatenated, ready for `out_proj`). Keeps one contiguous
+    [3, N, h, T, dh] copy of q, k, v, the softmax and a bool dropout mask. bf16/fp16 inputs are computed in
+    fp32 (the conversion rides on the packing copy) and the output and gradient are cast back.
+
+    Why packed: batched products need each (sequence, head) block contiguous. From views of `qkv`, torch
+    copies q, k and v inside every product, forward and backward, and autograd then stacks and re-lays
+    the three gradients; here one copy each way does it (1.17x on the attention block at 4096 x 30
+    tokens, docs/models.md "Performance").
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, p: float):
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    def forward(ctx, qkv, heads: int, bias, p: float):
+        n, t, d3 = qkv.shape
+        dh = d3 // (3 * heads)
+        work = torch.float32 if qkv.dtype in (torch.bfloat16, torch.float16) else qkv.dtype
+        packed = torch.empty((3, n, heads, t, dh), dtype=work, device=qkv.device)
+        packed.copy_(qkv.reshape(n, t, 3, heads, dh).permute(2, 0, 3, 1, 4))
+        q, k, v = packed.unbind(0)  # [N, h, T, dh], contiguous
+        scale = 1.0 / math.sqrt(dh)
         scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
         if bias is not None:
             scores.add_(bias)
@@ -131,15 +146,22 @@ class _AttentionFunction(torch.autograd.Function):
             out = torch.matmul((attn * ctx.keep_scale).masked_fill_(dropped, 0.0), v)
         else:
             out = torch.matmul(attn, v)
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, attn, dropped)
-        return out
+        ctx.scale, ctx.in_dtype = scale, qkv.dtype
+        ctx.save_for_backward(packed, attn, dropped)
+        merged = torch.empty((n, t, heads, dh), dtype=qkv.dtype, device=qkv.device)
+        merged.copy_(out.transpose(1, 2))
+        return merged.view(n, t, heads * dh)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, attn, dropped = ctx.saved_tensors
+    def backward(ctx, grad_merged):
+        packed, attn, dropped = ctx.saved_tensors
+        _, n, h, t, dh = packed.shape
+        grad_out = torch.empty((n, h, t, dh), dtype=packed.dtype, device=packed.device)
+        grad_out.copy_(grad_merged.reshape(n, t, h, dh).transpose(1, 2))
+        q, k, v = packed.unbind(0)
+        grad_packed = torch.empty_like(packed)
         kept = attn if dropped is None else (attn * ctx.keep_scale).masked_fill_(dropped, 0.0)
-        grad_v = torch.matmul(kept.transpose(-2, -1), grad_out)
+        torch.matmul(kept.transpose(-2, -1), grad_out, out=grad_packed[2])
         del kept
         grad_attn = torch.matmul(grad_out, v.transpose(-2, -1))
         if dropped is not None:
@@ -147,9 +169,11 @@ class _AttentionFunction(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_attn, attn, -1, attn.dtype)
         del grad_attn
         grad_scores.mul_(ctx.scale)
-        grad_q = torch.matmul(grad_scores, k)
-        grad_k = torch.matmul(grad_scores.transpose(-2, -1), q)
-        return grad_q, grad_k, grad_v, None, None
+        torch.matmul(grad_scores, k, out=grad_packed[0])
+        torch.matmul(grad_scores.transpose(-2, -1), q, out=grad_packed[1])
+        grad_qkv = torch.empty((n, t, 3, h, dh), dtype=ctx.in_dtype, device=packed.device)
+        grad_qkv.copy_(grad_packed.permute(1, 3, 0, 2, 4))
+        return grad_qkv.view(n, t, 3 * h * dh), None, None, None
 
 
 class EncoderLayer(nn.TransformerEncoderLayer):
@@ -176,34 +200,31 @@ class EncoderLayer(nn.TransformerEncoderLayer):
         attn = self.self_attn
         n, t, d = x.shape
         h = attn.num_heads
-        qkv = linear(x, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # [N, h, T, dh] views
+        qkv = linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [N, T, 3D]
         p = attn.dropout if self.training else 0.0
         if p > 0.0 and x.device.type == "cpu" and torch.is_grad_enabled():
-            out = self._cpu_training_attention(q, k, v, key_padding_mask, p)
+            out = self._cpu_training_attention(qkv, h, key_padding_mask, p)  # [N, T, D]
         else:
+            q, k, v = qkv.view(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)  # [N, h, T, dh] views
             mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        out = out.transpose(1, 2)  # [N, T, h, dh]
+            out = out.transpose(1, 2).reshape(n, t, d)
         if query_mask is not None:
-            return linear(out[query_mask].reshape(-1, d), attn.out_proj.weight, attn.out_proj.bias)  # [M, D]
-        return linear(out.reshape(n, t, d), attn.out_proj.weight, attn.out_proj.bias)
+            return linear(out[query_mask], attn.out_proj.weight, attn.out_proj.bias)  # [M, D]
+        return linear(out, attn.out_proj.weight, attn.out_proj.bias)
 
     @staticmethod
-    def _cpu_training_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                key_padding_mask: torch.Tensor | None, p: float) -> torch.Tensor:
-        """`_AttentionFunction` in fp32. Under bf16 autocast q, k, v are upcast first and the output cast
-        back, what SDPA's math path (the only CPU backend with dropout) does too, but without its float
-        dropout noise and `bernoulli_` draws."""
-        dtype = q.dtype
+    def _cpu_training_attention(qkv: torch.Tensor, heads: int, key_padding_mask: torch.Tensor | None,
+                                p: float) -> torch.Tensor:
+        """`_AttentionFunction` (fp32 inside, also under bf16 autocast, as SDPA's math path upcasts too, the
+        only CPU backend with dropout; but without its float dropout noise and `bernoulli_` draws)."""
         with torch.autocast("cpu", enabled=False):
-            if dtype in (torch.bfloat16, torch.float16):
-                q, k, v = q.float(), k.float(), v.float()
             bias = None
             if key_padding_mask is not None:
-                bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+                bias = torch.zeros(key_padding_mask.shape, dtype=torch.promote_types(qkv.dtype, torch.float32),
+                                   device=qkv.device)
                 bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
-            return _AttentionFunction.apply(q, k, v, bias, p).to(dtype)
+            return _AttentionFunction.apply(qkv, heads, bias, p)
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias
